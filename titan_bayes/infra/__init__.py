@@ -1,0 +1,1 @@
+"""Parallelism plans (FSDP2, tensor parallel, activation checkpointing, compile, pipeline)."""

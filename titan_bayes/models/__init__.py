@@ -1,0 +1,1 @@
+"""Decoder language models built from Bayesian, Gated DeltaNet and attention layers."""
