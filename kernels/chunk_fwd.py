@@ -1,0 +1,372 @@
+"""Triton kernels of the chunked forward pass (design note §4–6, stable form of filter_math).
+
+Layout. Inputs keep the user's [B, T, H, ...] layout and are read as one packed stream of
+B·T tokens with document boundaries `cu` (B equal documents when there are no cu_seqlens),
+so one code path serves batch and varlen inputs, and a chunk never straddles a document.
+Per-token intermediates are token-major like the inputs ([T_all, H, ...]); chunk-boundary
+states live in "slots": document n owns slots slot0[n] .. slot0[n] + NT_n, slot i holding
+the belief at the start of its chunk i and the last one the final belief.
+
+Passes (all fp32 state math; the matrix products run on tensor cores, TF32 for fp32 operands):
+  1. bayes: `_bayes_cov_kernel`, one program per (document, head), sweeps the chunks carrying
+     P (in its slots, global memory: it fits L2 and serves K up to 256 with one code path).
+     Per chunk it builds S, factorises S = L D Lᵀ, and stores L⁻¹, w = 1/D, the write
+     directions U and the prior part of the predictive variance.
+     reset: `_reset_system_kernel`, parallel over chunks, inverts the delta-rule system.
+  2. `_mean_kernel`, one program per (document, head, V block): the h-loop carrying S = Mᵀ,
+     storing every chunk's start state and the innovations E = L⁻¹ (V − K̃ S0).
+  3. `_output_kernel`, parallel over chunks: O = scale·[diag(Γ) Q S0 + (tril(Q Uᵀ) ∘ Λ) D⁻¹ E].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from titan_bayes.ops import filter_math as fm
+
+
+@triton.jit
+def _chunk_decays(g_ptr, rows, valid, h, H, C: tl.constexpr):
+    """Log decay cumsum of the chunk and Λ_ts = exp(logΓ_t − logΓ_s) (0 above the diagonal).
+
+    Padded rows read g = 0, so Γ and Λ stay at their last valid values there.
+    """
+    idx = tl.arange(0, C)
+    g = tl.load(g_ptr + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    lg = tl.cumsum(g, 0)
+    diff = lg[:, None] - lg[None, :]
+    # Mask before exp: above the diagonal the exponent is positive and may overflow.
+    decay = tl.exp(tl.where(idx[:, None] >= idx[None, :], diff, float("-inf")))
+    return lg, decay
+
+
+@triton.jit
+def _last_row(x, C: tl.constexpr):
+    """Row C − 1 of a [C, C] register tile (the decays Λ_C,s to the chunk end)."""
+    idx = tl.arange(0, C)
+    return tl.sum(tl.where(idx[:, None] == C - 1, x, 0.0), 0)
+
+
+@triton.jit
+def _ldl_inverse(S, C: tl.constexpr):
+    """Gaussian elimination of the symmetric positive definite S without pivoting.
+
+    Step j subtracts m_i = S_ij / S_jj times row j from every row i > j; the trailing block
+    stays the (symmetric) Schur complement, so m is read off row j. The same row operations
+    applied to I give L⁻¹ (S = L D Lᵀ, L unit lower), and the pivots are D = the sequential
+    filter's innovation variances s_t.
+    """
+    idx = tl.arange(0, C)
+    Linv = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    D = tl.zeros([C], dtype=tl.float32)
+    for j in range(C):
+        row = tl.sum(tl.where(idx[:, None] == j, S, 0.0), 0)
+        pivot = tl.sum(tl.where(idx == j, row, 0.0), 0)
+        m = tl.where(idx > j, row / pivot, 0.0)
+        S = S - m[:, None] * row[None, :]
+        linv_row = tl.sum(tl.where(idx[:, None] == j, Linv, 0.0), 0)
+        Linv = Linv - m[:, None] * linv_row[None, :]
+        D = tl.where(idx == j, pivot, D)
+    return Linv, D
+
+
+@triton.jit
+def _unit_lower_inverse(A, C: tl.constexpr):
+    """(I + A)⁻¹ for strictly lower A by forward substitution: row t of the inverse is
+    e_t − Σ_{s<t} A_ts · row s, and rows s < t are final when row t is formed."""
+    idx = tl.arange(0, C)
+    Linv = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    for t in range(1, C):
+        a_row = tl.sum(tl.where(idx[:, None] == t, A, 0.0), 0)
+        new_row = -tl.sum(a_row[:, None] * Linv, 0)
+        Linv = tl.where(idx[:, None] == t, new_row[None, :] + tl.where(idx == t, 1.0, 0.0)[None, :], Linv)
+    return Linv
+
+
+@triton.jit
+def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr,
+                      u_ptr, linv_ptr, w_ptr, vpri_ptr, H,
+                      K: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
+                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr):
+    pid = tl.program_id(0)
+    n, h = pid // H, pid % H
+    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    slot0 = tl.load(slot_ptr + n)
+    idx = tl.arange(0, C)
+    kk = tl.arange(0, BK)
+    pp = tl.arange(0, BP)
+    x_base = x_ptr + pid * C * K          # this program's scratch for X = diag(Γ²) K P0 + diag(d) K
+    for i in range(tl.cdiv(eos - bos, C)):
+        rows = bos + i * C + idx
+        valid = rows < eos
+        kmask = valid[:, None] & (kk[None, :] < K)
+        kc = tl.load(k_ptr + (rows * H + h)[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+        lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
+        gamma = tl.exp(lg)
+        noise = tl.load(noise_ptr + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+        d = tl.sum(decay * decay * noise[None, :], 1)          # d_t = Σ_j Λ_tj² q_j
+        beta = tl.load(beta_ptr + rows * H + h, mask=valid, other=0.5).to(tl.float32)
+        r = tl.where(valid, tl.maximum((1.0 - beta) / beta, R_MIN), 1.0)
+        k_tilde = kc * gamma[:, None]
+        if WITH_VARIANCE:
+            qc = tl.load(q_ptr + (rows * H + h)[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+            q_P_q = tl.zeros([C], dtype=tl.float32)
+        p_base = p_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * K
+        # S = K̃ P0 K̃ᵀ and X, one column block of P0 at a time.
+        S = tl.zeros([C, C], dtype=tl.float32)
+        for jb in range(0, K, BP):
+            cols = jb + pp
+            cmask = cols < K
+            P_blk = tl.load(p_base + kk[:, None] * K + cols[None, :], mask=(kk[:, None] < K) & cmask[None, :], other=0.0)
+            kP = tl.dot(k_tilde, P_blk)                        # [C, BP] block of K̃ P0
+            k_blk = tl.load(k_ptr + (rows * H + h)[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            S += tl.dot(kP, tl.trans(k_blk * gamma[:, None]))
+            X = gamma[:, None] * kP + d[:, None] * k_blk       # rows Γ_t² P0 k_t + d_t k_t
+            tl.store(x_base + idx[:, None] * K + cols[None, :], X, mask=cmask[None, :])
+            if WITH_VARIANCE:
+                q_blk = tl.load(q_ptr + (rows * H + h)[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                q_P_q += tl.sum(tl.dot(qc, P_blk) * q_blk, 1)
+        # Process noise between observations: (K Kᵀ) ∘ Ψ, Ψ_ts = Λ_ts d_s for t ≥ s, symmetric.
+        psi = decay * d[None, :]
+        psi = psi + tl.trans(psi) - tl.where(idx[:, None] == idx[None, :], d[None, :], 0.0)
+        S += tl.dot(kc, tl.trans(kc)) * psi
+        S = 0.5 * (S + tl.trans(S)) + tl.where(idx[:, None] == idx[None, :], r[None, :], 0.0)
+        Linv, D = _ldl_inverse(S, C)
+        w = 1.0 / D
+        tok = rows * H + h
+        tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
+        tl.store(w_ptr + tok, w, mask=valid)
+        if WITH_VARIANCE:
+            q_sq = tl.sum(qc * qc, 1)
+            tl.store(vpri_ptr + tok, gamma * gamma * q_P_q + d * q_sq, mask=valid)
+        tl.debug_barrier()                                     # X scratch written by all threads
+        # U = (L ∘ Λ)⁻¹ X and (L ∘ Λ)⁻¹ = L⁻¹ ∘ Λ (a diagonal similarity by Γ).
+        M_inv = Linv * decay
+        for jb in range(0, K, BP):
+            cols = jb + pp
+            cmask = cols < K
+            X = tl.load(x_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
+            tl.store(u_ptr + tok[:, None] * K + cols[None, :], tl.dot(M_inv, X), mask=valid[:, None] & cmask[None, :])
+        tl.debug_barrier()                                     # U read back by other threads
+        _update_covariance(u_ptr, p_base, p_base + H * K * K, tok, valid, lg, decay, d, w, K, BP, C)
+        tl.debug_barrier()                                     # next chunk reads the new P
+
+
+@triton.jit
+def _update_covariance(u_ptr, p_old, p_new, tok, valid, lg, decay, d, w, K: tl.constexpr, BP: tl.constexpr,
+                       C: tl.constexpr):
+    """P_C = Γ_C² P0 + d_C I − Uᵀ diag(Λ_C·² w) U, tile by tile.
+
+    Only tiles on or above the diagonal are computed; each is written to both halves, so the
+    stored P is exactly symmetric (note §6) and stays so across chunks.
+    """
+    idx = tl.arange(0, C)
+    pp = tl.arange(0, BP)
+    last = _last_row(decay, C)
+    weight = last * last * w
+    gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
+    d_C = tl.sum(tl.where(idx == C - 1, d, 0.0), 0)
+    for ib in range(0, K, BP):
+        r_idx = ib + pp
+        rmask = r_idx < K
+        U_i = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
+        for jb in range(ib, K, BP):
+            c_idx = jb + pp
+            cmask = c_idx < K
+            U_j = tl.load(u_ptr + tok[:, None] * K + c_idx[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
+            tile_mask = rmask[:, None] & cmask[None, :]
+            P0 = tl.load(p_old + r_idx[:, None] * K + c_idx[None, :], mask=tile_mask, other=0.0)
+            tile = gamma_C * gamma_C * P0 - tl.dot(tl.trans(U_i * weight[:, None]), U_j)
+            tile += tl.where(r_idx[:, None] == c_idx[None, :], d_C, 0.0)
+            if ib == jb:
+                tile = 0.5 * (tile + tl.trans(tile))
+            tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile, mask=tile_mask)
+            tl.store(p_new + c_idx[None, :] * K + r_idx[:, None], tile, mask=tile_mask)
+
+
+@triton.jit
+def _reset_system_kernel(k_ptr, g_ptr, beta_ptr, chunk_ptr, cu_ptr, linv_ptr, H,
+                         K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
+    """L⁻¹ of the gated delta rule's chunk system L = I + strict_tril((K Kᵀ) ∘ Λ ∘ beta_s)."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
+    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    idx = tl.arange(0, C)
+    kk = tl.arange(0, BK)
+    rows = bos + i * C + idx
+    valid = rows < eos
+    kc = tl.load(k_ptr + (rows * H + h)[:, None] * K + kk[None, :], mask=valid[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
+    A = tl.dot(kc, tl.trans(kc)) * decay * beta[None, :]
+    A = tl.where(idx[:, None] > idx[None, :], A, 0.0)
+    Linv = _unit_lower_inverse(A, C)
+    tl.store(linv_ptr + (rows * H + h)[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
+
+
+@triton.jit
+def _mean_kernel(k_ptr, v_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, e_ptr, H,
+                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+    """The h-loop: S_C = Γ_C S0 + Uᵀ diag(Λ_C· w) E with E = L⁻¹ (V − K̃ S0).
+
+    U and w are the write directions and gains: bayes passes its own, reset passes the keys
+    and beta (same token-major layout).
+    """
+    pid_v, pid = tl.program_id(0), tl.program_id(1)
+    n, h = pid // H, pid % H
+    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    slot0 = tl.load(slot_ptr + n)
+    idx = tl.arange(0, C)
+    kk = tl.arange(0, BK)
+    vv = pid_v * BV + tl.arange(0, BV)
+    state_mask = (kk[:, None] < K) & (vv[None, :] < V)
+    state_off = kk[:, None] * V + vv[None, :]
+    S = tl.load(s0_ptr + pid.to(tl.int64) * K * V + state_off, mask=state_mask, other=0.0)
+    for i in range(tl.cdiv(eos - bos, C)):
+        tl.store(h_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * V + state_off, S, mask=state_mask)
+        rows = bos + i * C + idx
+        valid = rows < eos
+        tok = rows * H + h
+        kmask = valid[:, None] & (kk[None, :] < K)
+        vmask = valid[:, None] & (vv[None, :] < V)
+        kc = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+        lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
+        vc = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
+        residual = vc - tl.dot(kc * tl.exp(lg)[:, None], S)
+        Linv = tl.load(linv_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
+        E = tl.dot(Linv, residual)
+        tl.store(e_ptr + tok[:, None] * V + vv[None, :], E, mask=vmask)
+        U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+        last = _last_row(decay, C)
+        gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
+        S = gamma_C * S + tl.dot(tl.trans(U), E * (last * w)[:, None])
+    n_chunks = tl.cdiv(eos - bos, C)
+    tl.store(h_ptr + ((slot0 + n_chunks) * H + h).to(tl.int64) * K * V + state_off, S, mask=state_mask)
+
+
+@triton.jit
+def _output_kernel(q_ptr, g_ptr, u_ptr, w_ptr, e_ptr, h_ptr, vpri_ptr, chunk_ptr, cu_ptr, slot_ptr,
+                   o_ptr, var_ptr, scale, H,
+                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                   WITH_VARIANCE: tl.constexpr):
+    """O = scale · [diag(Γ) Q S0 + (tril(Q Uᵀ) ∘ Λ) diag(w) E]; with variance, also
+    scale² · [prior part − Σ_s (Q Uᵀ ∘ Λ)_ts² w_s] (filter_math.chunk_variance)."""
+    pid_v, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
+    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    slot = tl.load(slot_ptr + n) + i
+    idx = tl.arange(0, C)
+    kk = tl.arange(0, BK)
+    vv = pid_v * BV + tl.arange(0, BV)
+    rows = bos + i * C + idx
+    valid = rows < eos
+    tok = rows * H + h
+    kmask = valid[:, None] & (kk[None, :] < K)
+    vmask = valid[:, None] & (vv[None, :] < V)
+    qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+    lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
+    S0 = tl.load(h_ptr + (slot * H + h).to(tl.int64) * K * V + kk[:, None] * V + vv[None, :],
+                 mask=(kk[:, None] < K) & (vv[None, :] < V), other=0.0)
+    U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
+    scores = tl.dot(qc, tl.trans(U)) * decay                  # decay is 0 above the diagonal
+    O = tl.exp(lg)[:, None] * tl.dot(qc, S0) + tl.dot(scores * w[None, :], E)
+    tl.store(o_ptr + tok[:, None] * V + vv[None, :], (scale * O).to(o_ptr.dtype.element_ty), mask=vmask)
+    if WITH_VARIANCE:
+        if pid_v == 0:
+            prior = tl.load(vpri_ptr + tok, mask=valid, other=0.0)
+            var = scale * scale * (prior - tl.sum(scores * scores * w[None, :], 1))
+            tl.store(var_ptr + tok, var.to(var_ptr.dtype.element_ty), mask=valid)
+
+
+class Plan:
+    """Chunk bookkeeping shared by the forward kernels and the backward sweep.
+
+    cu: int32 document boundaries of the packed token stream; chunks: [n_chunks, 2] int32
+    (document, chunk index in it) for the chunk-parallel kernels; slot0: int32 first state
+    slot of every document (its chunks' start states, then its final state).
+    """
+
+    def __init__(self, B, T, cu_seqlens, chunk_size, device):
+        C = chunk_size
+        if cu_seqlens is None:
+            self.lengths = None
+            self.n_docs = B
+            n_per = -(-T // C)
+            self.cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+            per_doc = torch.full((B,), n_per, dtype=torch.int64, device=device)
+            self.max_chunks = n_per
+        else:
+            bounds = cu_seqlens.tolist()
+            self.lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            self.n_docs = len(self.lengths)
+            self.cu = cu_seqlens.to(device=device, dtype=torch.int32)
+            per_doc = torch.tensor([-(-n // C) for n in self.lengths], dtype=torch.int64, device=device)
+            self.max_chunks = int(max(-(-n // C) for n in self.lengths))
+        self.n_chunks = int(per_doc.sum()) if cu_seqlens is not None else B * self.max_chunks
+        doc = torch.repeat_interleave(torch.arange(self.n_docs, device=device), per_doc)
+        first = torch.cumsum(per_doc, 0) - per_doc                 # first chunk of every document
+        within = torch.arange(self.n_chunks, device=device) - first[doc]
+        self.chunks = torch.stack([doc, within], 1).to(torch.int32).contiguous()
+        self.slot0 = (first + torch.arange(self.n_docs, device=device)).to(torch.int32)
+        self.n_slots = self.n_chunks + self.n_docs
+        self.per_doc = per_doc
+
+
+def _block_v(K, V):
+    # The h-loop holds S0 [K, BV] and U, K̃ [C, K] in registers: narrower V blocks for K = 256.
+    return max(16, min(triton.next_power_of_2(V), 32 if K > 128 else 64))
+
+
+def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
+    """Run the forward kernels. Inputs [B, T, H, ...] contiguous (noise fp32, bayes only);
+    S0 [N, H, K, V] fp32, P0 [N, H, K, K] fp32 (bayes) or None.
+
+    Returns (o, variance or None, h_slots [n_slots, H, K, V], p_slots [n_slots, H, K, K] or None).
+    The final state of document n is slot slot0[n] + NT_n of each.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    dev = q.device
+    BK = max(16, triton.next_power_of_2(K))
+    n_tok = B * T
+    f32 = dict(dtype=torch.float32, device=dev)
+    linv = torch.empty(n_tok, H, C, **f32)
+    h_slots = torch.empty(plan.n_slots, H, K, V, **f32)
+    p_slots = None
+    vpri = None
+    if mode == "bayes":
+        p_slots = torch.empty(plan.n_slots, H, K, K, **f32)
+        p_slots[plan.slot0.long()] = P0.float()
+        u = torch.empty(n_tok, H, K, **f32)
+        w = torch.empty(n_tok, H, **f32)
+        vpri = torch.empty(n_tok, H, **f32) if output_variance else w
+        scratch = torch.empty(plan.n_docs * H, C, K, **f32)
+        BP = min(BK, 64)
+        _bayes_cov_kernel[(plan.n_docs * H,)](
+            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv, w, vpri, H,
+            K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, num_warps=8)
+    else:
+        _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
+                                                  K=K, BK=BK, C=C, num_warps=4)
+        u, w = k, beta                          # reset: write along the keys with gain beta
+    e = torch.empty(n_tok, H, V, **f32)
+    BV = _block_v(K, V)
+    _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
+        k, v, g, u, w, linv, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
+        K=K, V=V, BK=BK, BV=BV, C=C, num_warps=4)
+    o = torch.empty_like(v)
+    variance = torch.empty(B, T, H, dtype=v.dtype, device=dev) if output_variance else None
+    _output_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](
+        q, g, u, w, e, h_slots, vpri if vpri is not None else w, plan.chunks, plan.cu, plan.slot0,
+        o, variance if variance is not None else o, scale, H,
+        K=K, V=V, BK=BK, BV=BV, C=C,
+        WITH_VARIANCE=output_variance and mode == "bayes", num_warps=4)
+    if output_variance and mode != "bayes":
+        variance.zero_()
+    return o, variance, h_slots, p_slots
