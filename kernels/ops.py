@@ -19,6 +19,12 @@ from .backward import chunk_backward
 from .chunk_fwd import Plan, chunk_forward
 
 
+# The dispatcher keys of ordinary eager code, captured at import. A custom op's body runs with
+# autograd excluded; the backward recomputes chunks and differentiates them with autograd, so
+# it restores these keys for its own body (the op stays opaque to torch.compile).
+_EAGER_KEYS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+
+
 def _final_index(plan):
     return (plan.slot0.long() + plan.per_doc)
 
@@ -67,8 +73,9 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     B, T = q.shape[:2]
     plan = Plan(B, T, cu_seqlens, chunk_size, q.device)
     grads = (d_out, d_var if d_var.numel() else None, dS, dP if dP.numel() else None)
-    out = chunk_backward(mode, (q, k, v, g, beta, noise), h_slots, p_slots, cu_seqlens, plan, grads,
-                         scale, output_variance, chunk_size)
+    with torch._C._ForceDispatchKeyGuard(*_EAGER_KEYS), torch.enable_grad():
+        out = chunk_backward(mode, (q, k, v, g, beta, noise), h_slots, p_slots, cu_seqlens, plan, grads,
+                             scale, output_variance, chunk_size)
     dP0 = out[7] if out[7] is not None else q.new_empty(0, dtype=torch.float32)
     return (*out[:7], dP0)
 
