@@ -1,0 +1,177 @@
+"""Document sources and the packer that cuts their tokens into windows.
+
+A source yields document texts for one DP rank and can save/restore its position. The
+packer tokenizes each document as BOS + text + EOS, appends it to a token stream, and
+cuts the stream into windows of seq_len + 1 tokens (input = window[:-1], labels =
+window[1:], as torchtitan does), recording where each document starts.
+
+Batch items: ({"input": [T] int64, "doc_starts": [T] bool}, labels [T] int64).
+doc_starts is True at the first token of every document inside the window and always at
+position 0 (each row starts from a fresh state). A label that would be the first token
+of the next document is -100: nothing in the current document predicts it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset
+
+IGNORE = -100
+logger = logging.getLogger(__name__)
+
+
+class SequenceSource:
+    """Random-access documents (a list, or an HF Dataset column); rank r of W takes r, r+W, ...."""
+
+    def __init__(self, documents: Sequence[str], dp_rank: int, dp_world_size: int):
+        self.documents = documents
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self._next = dp_rank
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[str]:
+        while self._next < len(self.documents):
+            text = self.documents[self._next]
+            self._next += self.dp_world_size
+            yield text
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self._next = self.dp_rank
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "next": self._next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._next = int(state["epoch"]), int(state["next"])
+
+
+class StreamSource:
+    """Documents from a streaming HF IterableDataset of rows.
+
+    `to_text(row)` gives a row's text, or None to skip the row. With a `joiner`, rows are
+    fragments that it assembles into documents (WikiText), and the ranks take every W-th
+    document; otherwise the dataset is expected to be split by rank already.
+    """
+
+    def __init__(self, rows, to_text: Callable[[dict], str | None], dp_rank: int = 0,
+                 dp_world_size: int = 1, joiner=None):
+        self.rows, self.to_text, self.joiner = rows, to_text, joiner
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.epoch = 0
+        self._documents_seen = 0  # counts every joined document, to stride by rank
+
+    def __iter__(self) -> Iterator[str]:
+        for row in self.rows:
+            text = self.to_text(row)
+            if text is None:
+                continue
+            if self.joiner is None:
+                yield text
+                continue
+            for document in self.joiner.push(text):
+                yield from self._mine(document)
+        if self.joiner is not None:
+            for document in self.joiner.flush():
+                yield from self._mine(document)
+
+    def _mine(self, document: str) -> Iterator[str]:
+        index = self._documents_seen
+        self._documents_seen += 1
+        if index % self.dp_world_size == self.dp_rank:
+            yield document
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self._documents_seen = 0
+        if hasattr(self.rows, "set_epoch"):
+            self.rows.set_epoch(self.epoch)
+
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "rows": self.rows.state_dict(),
+                 "documents_seen": self._documents_seen}
+        if self.joiner is not None:
+            state["joiner"] = self.joiner.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        if hasattr(self.rows, "set_epoch"):
+            self.rows.set_epoch(self.epoch)
+        self.rows.load_state_dict(state["rows"])
+        self._documents_seen = int(state["documents_seen"])
+        if self.joiner is not None:
+            self.joiner.load_state_dict(state["joiner"])
+
+
+class PackedTextDataset(IterableDataset, Stateful):
+    """Tokenizes a source's documents and packs them into windows with document starts."""
+
+    def __init__(self, source, tokenizer, seq_len: int, infinite: bool, name: str = "text"):
+        self.source, self.tokenizer = source, tokenizer
+        self.seq_len, self.infinite, self.name = seq_len, infinite, name
+        # The unread part of the token stream: tokens[cursor:], and the stream offsets
+        # (absolute, in the same list) where documents begin.
+        self._tokens: list[int] = []
+        self._starts: list[int] = []
+        self._cursor = 0
+
+    def _append_document(self, text: str) -> None:
+        ids = self.tokenizer.encode(text, add_bos=True, add_eos=True)
+        if ids:
+            self._starts.append(len(self._tokens))
+            self._tokens.extend(ids)
+
+    def _has_window(self) -> bool:
+        return len(self._tokens) - self._cursor >= self.seq_len + 1
+
+    def _cut_window(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        begin, end = self._cursor, self._cursor + self.seq_len + 1
+        window = torch.tensor(self._tokens[begin:end], dtype=torch.long)
+        starts_in_window = [s - begin for s in self._starts if begin <= s < end]
+        is_start = torch.zeros(self.seq_len + 1, dtype=torch.bool)
+        is_start[starts_in_window] = True
+
+        labels = window[1:].clone()
+        labels[is_start[1:]] = IGNORE
+        doc_starts = is_start[:-1].clone()
+        doc_starts[0] = True
+        self._consume(end)
+        return {"input": window[:-1], "doc_starts": doc_starts}, labels
+
+    def _consume(self, end: int) -> None:
+        self._cursor = end
+        self._starts = [s for s in self._starts if s >= end]
+        # Drop the consumed prefix now and then, not at every window: slicing a long
+        # document's tokens after each window would cost O(document length) each time.
+        if self._cursor > 4 * (self.seq_len + 1) and self._cursor * 2 > len(self._tokens):
+            self._tokens = self._tokens[self._cursor:]
+            self._starts = [s - self._cursor for s in self._starts]
+            self._cursor = 0
+
+    def __iter__(self):
+        while True:
+            for text in self.source:
+                self._append_document(text)
+                while self._has_window():
+                    yield self._cut_window()
+            if not self.infinite:
+                logger.warning("dataset %s: out of data", self.name)
+                return
+            logger.warning("dataset %s: starting epoch %d", self.name, self.source.epoch + 1)
+            self.source.next_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self._tokens[self._cursor:],
+                "starts": [s - self._cursor for s in self._starts],
+                "source": self.source.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._tokens, self._starts = list(state["tokens"]), list(state["starts"])
+        self._cursor = 0
+        self.source.load_state_dict(state["source"])
