@@ -1,0 +1,183 @@
+"""Benchmark of the filter kernels (issue 3), all timings from one run on one GPU.
+
+    python tools/bench_kernels.py [--shapes all|small] [--no-pytorch] [--out table.md]
+
+For every shape (B, T, H, K, V) it times forward and forward+backward of
+  - ours: bayes_filter(mode="bayes") and mode="reset" with backend="triton",
+  - fla's chunk_gated_delta_rule (if fla-core is installed; its Hopper guard for Triton
+    < 3.7.1 is bypassed for timing only: its gradients there are known to be wrong),
+  - our PyTorch chunked path (bayes, forward only: its backward is autograd through a Python loop),
+  - SDPA causal attention (head dim K for q, k and v; per document for varlen shapes),
+and prints ms, ratios against fla GDN, achieved TFLOP/s by the design note's FLOP count
+(§5: GDN ≈ 6·K·V per token and head forward, bayes adds ≈ 6·K²; forward+backward counted
+as 3× forward), peak memory of forward+backward, and the memory saved for backward
+(allocated after the forward minus before it, outputs included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from titan_bayes.ops import bayes_filter  # noqa: E402
+
+SHAPES = [  # (B, T, H, K, V, documents)
+    (8, 4096, 6, 256, 512, None),
+    (8, 4096, 8, 128, 128, None),
+    (16, 2048, 16, 64, 64, None),
+    (4, 8192, 8, 128, 128, None),
+    (1, 32768, 8, 128, 128, 16),
+    (1, 65536, 8, 128, 128, 16),
+]
+
+
+def inputs(B, T, H, K, V, docs):
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).bfloat16()
+    k = F.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, V, device="cuda").bfloat16()
+    g = -F.softplus(torch.randn(B, T, H, device="cuda") - 1.0)
+    beta = (0.1 + 0.8 * torch.rand(B, T, H, device="cuda")).bfloat16()
+    cu = None
+    if docs:
+        cu = torch.linspace(0, T, docs + 1, device="cuda").round().long()
+    return [x.requires_grad_() for x in (q, k, v, g, beta)], cu
+
+
+def timed(fn, reps=5):
+    """Median ms of fn() over reps after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def memory(forward):
+    """(peak MiB of forward+backward, MiB kept alive by the forward for its backward)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = forward()
+    saved = torch.cuda.memory_allocated() - before
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20, saved / 2**20
+
+
+def ours(mode, xs, cu):
+    def forward():
+        return bayes_filter(*xs, mode=mode, backend="triton", cu_seqlens=cu, check_inputs=False)[0]
+    return forward
+
+
+def pytorch_chunked(xs, cu):
+    def forward():
+        return bayes_filter(*xs, mode="bayes", backend="chunked", cu_seqlens=cu, check_inputs=False)[0]
+    return forward
+
+
+def fla_gdn(xs, cu):
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return None
+    chunk_o.TRITON_ABOVE_3_7_1 = True     # bypass the Hopper guard: timing only
+    q, k, v, g, beta = xs
+
+    def forward():
+        return chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)[0]
+    return forward
+
+
+def sdpa(xs, cu, B, T, H, K):
+    q, k, _, _, _ = xs
+    docs = 1 if cu is None else cu.numel() - 1
+    # Per-document causal attention: equal documents folded into the batch (the benchmark's
+    # documents are equal up to one token; the remainder is dropped).
+    L = T // docs
+    shape = (B * docs, L, H, K)
+    qa = q[:, : docs * L].reshape(shape).transpose(1, 2).detach().requires_grad_()
+    ka = k[:, : docs * L].reshape(shape).transpose(1, 2).detach().requires_grad_()
+    va = ka.detach().clone().requires_grad_()
+
+    def forward():
+        return F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
+    return forward, [qa, ka, va]
+
+
+def measure(forward, params, backward=True):
+    fwd_ms = timed(lambda: forward())
+    row = {"fwd": fwd_ms}
+    if backward:
+        def both():
+            out = forward()
+            torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+        row["fwdbwd"] = timed(both)
+        row["peak"], row["saved"] = memory(forward)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="all", choices=["all", "small"])
+    parser.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch chunked path")
+    parser.add_argument("--out", default=None, help="also write the markdown table here")
+    args = parser.parse_args()
+    shapes = SHAPES if args.shapes == "all" else SHAPES[1:3]
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    lines = ["| shape (B,T,H,K,V) | impl | fwd ms | fwd+bwd ms | fwd / fla | fwd+bwd / fla | fwd TFLOP/s | "
+             "peak MiB | saved MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for B, T, H, K, V, docs in shapes:
+        xs, cu = inputs(B, T, H, K, V, docs)
+        tokens = B * T * H
+        flops = {"bayes": 6 * tokens * (K * V + K * K), "reset": 6 * tokens * K * V,
+                 "fla GDN": 6 * tokens * K * V, "pytorch chunked bayes": 6 * tokens * (K * V + K * K),
+                 "SDPA causal": 4 * B * H * T * (T // (docs or 1)) * K / 2}
+        rows = {}
+        fla = fla_gdn(xs, cu)
+        if fla is not None:
+            rows["fla GDN"] = measure(fla, xs)
+        rows["bayes"] = measure(ours("bayes", xs, cu), xs)
+        rows["reset"] = measure(ours("reset", xs, cu), xs)
+        if not args.no_pytorch:
+            rows["pytorch chunked bayes"] = measure(pytorch_chunked(xs, cu), xs, backward=False)
+        rows["SDPA causal"] = measure(*sdpa(xs, cu, B, T, H, K))
+        base = rows.get("fla GDN")
+        label = f"{B},{T},{H},{K},{V}" + (f" ({docs} docs)" if docs else "")
+        for name, r in rows.items():
+            ratio_f = f"{r['fwd'] / base['fwd']:.2f}" if base else "—"
+            ratio_b = f"{r['fwdbwd'] / base['fwdbwd']:.2f}" if base and "fwdbwd" in r else "—"
+            line = (f"| {label} | {name} | {r['fwd']:.2f} | {r.get('fwdbwd', float('nan')):.2f} | {ratio_f} | "
+                    f"{ratio_b} | {flops[name] / r['fwd'] / 1e9:.1f} | {r.get('peak', float('nan')):.0f} | "
+                    f"{r.get('saved', float('nan')):.0f} |")
+            lines.append(line)
+            print(line, flush=True)
+        if "pytorch chunked bayes" in rows:
+            print(f"  bayes forward speed-up over the PyTorch chunked path: "
+                  f"{rows['pytorch chunked bayes']['fwd'] / rows['bayes']['fwd']:.1f}x", flush=True)
+        del xs
+        torch.cuda.empty_cache()
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
