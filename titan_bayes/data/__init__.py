@@ -9,6 +9,7 @@ at ignored positions). doc_starts is True at each document's first token and at 
 """
 
 from .config import BayesData, DataConfigError, data_config
+from . import hub  # registers wikitext103, wikitext2, slimpajama, slimpajama6b
 from .loader import DATASETS, build_dataloader, build_validation_dataloader, register_dataset
 from .tokenizers import build_tokenizer
 from .validate import build_validator

@@ -23,6 +23,8 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 
+from .packing import strided_slot
+
 from .config import DataConfigError
 
 IGNORE = -100
@@ -89,7 +91,8 @@ class MQARDataset(IterableDataset, Stateful):
 
     The global order of an epoch is a permutation of 0..size-1 (identity without
     shuffle); rank r takes positions r, r + W, r + 2W, ... so that W ranks with batch B/W
-    together see exactly the examples one rank with batch B sees.
+    together see exactly the examples one rank with batch B sees (loader worker
+    processes split a rank's positions further).
     """
 
     def __init__(self, spec: MQARSpec, seed: int, split: str, size: int, dp_rank: int,
@@ -104,7 +107,7 @@ class MQARDataset(IterableDataset, Stateful):
         self.shuffle, self.infinite = shuffle, infinite
         self._gap_p = spec.gap_probabilities()
         self._epoch = 0
-        self._position = dp_rank  # next position in the epoch's global order
+        self._position: int | None = None  # next position in the epoch's global order
 
     def _epoch_order(self) -> np.ndarray:
         if not self.shuffle:
@@ -116,21 +119,25 @@ class MQARDataset(IterableDataset, Stateful):
     def __iter__(self):
         doc_starts = torch.zeros(self.spec.seq_len, dtype=torch.bool)
         doc_starts[0] = True  # each example is one document
+        first, stride = strided_slot(self.dp_rank, self.dp_world_size)
         while True:
             order = self._epoch_order()
+            if self._position is None:
+                self._position = first
             while self._position < self.size:
                 index = int(order[self._position])
-                self._position += self.dp_world_size
+                self._position += stride
                 tokens, labels = make_example(self.spec, self.seed, self.split, index, self._gap_p)
                 yield ({"input": torch.from_numpy(tokens), "doc_starts": doc_starts.clone()},
                        torch.from_numpy(labels))
             if not self.infinite:
                 return
             self._epoch += 1
-            self._position = self.dp_rank
+            self._position = None
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "position": self._position}
 
     def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+        self._epoch = int(state["epoch"])
+        self._position = None if state["position"] is None else int(state["position"])

@@ -19,10 +19,21 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 IGNORE = -100
 logger = logging.getLogger(__name__)
+
+
+def strided_slot(dp_rank: int, dp_world_size: int) -> tuple[int, int]:
+    """(first index, stride) of this reader among all DP ranks and loader worker processes.
+
+    Each worker process of each rank reads every stride-th item, so that loader workers
+    split a rank's share instead of each repeating it.
+    """
+    worker = get_worker_info()
+    workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+    return dp_rank + dp_world_size * worker_id, dp_world_size * workers
 
 
 class SequenceSource:
@@ -31,24 +42,29 @@ class SequenceSource:
     def __init__(self, documents: Sequence[str], dp_rank: int, dp_world_size: int):
         self.documents = documents
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
-        self._next = dp_rank
+        self._next: int | None = None  # None: at the start of an epoch
         self.epoch = 0
 
     def __iter__(self) -> Iterator[str]:
+        first, stride = strided_slot(self.dp_rank, self.dp_world_size)
+        if self._next is None:
+            self._next = first
         while self._next < len(self.documents):
             text = self.documents[self._next]
-            self._next += self.dp_world_size
-            yield text
+            self._next += stride
+            if text:  # filtered-out rows read as empty
+                yield text
 
     def next_epoch(self) -> None:
         self.epoch += 1
-        self._next = self.dp_rank
+        self._next = None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "next": self._next}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._next = int(state["epoch"]), int(state["next"])
+        self.epoch = int(state["epoch"])
+        self._next = None if state["next"] is None else int(state["next"])
 
 
 class StreamSource:
@@ -107,6 +123,13 @@ class StreamSource:
         self._documents_seen = int(state["documents_seen"])
         if self.joiner is not None:
             self.joiner.load_state_dict(state["joiner"])
+
+
+def describe_tokenizer(tokenizer) -> str:
+    """A short identity of a tokenizer: its class, encoding name if any, and vocabulary size."""
+    encoding = getattr(getattr(tokenizer, "encoding", None), "name", None)
+    kind = type(tokenizer).__name__ + (f"({encoding})" if encoding else "")
+    return f"{kind}, vocab {tokenizer.get_vocab_size()}"
 
 
 class PackedTextDataset(IterableDataset, Stateful):
@@ -169,9 +192,18 @@ class PackedTextDataset(IterableDataset, Stateful):
     def state_dict(self) -> dict[str, Any]:
         return {"tokens": self._tokens[self._cursor:],
                 "starts": [s - self._cursor for s in self._starts],
-                "source": self.source.state_dict()}
+                "source": self.source.state_dict(),
+                "tokenizer": describe_tokenizer(self.tokenizer)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, current = state.get("tokenizer"), describe_tokenizer(self.tokenizer)
+        if saved is not None and saved != current:
+            # The saved token buffer (and the model) speak another vocabulary.
+            raise ValueError(
+                f"dataset {self.name}: the checkpoint was written with tokenizer {saved}, this "
+                f"job uses {current}; use the checkpoint's tokenizer settings ([bayes_data] "
+                "tokenizer / tiktoken_encoding, model.hf_assets_path)"
+            )
         self._tokens, self._starts = list(state["tokens"]), list(state["starts"])
         self._cursor = 0
         self.source.load_state_dict(state["source"])
