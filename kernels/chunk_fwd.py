@@ -350,7 +350,7 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
         BP = min(BK, 64)
         _bayes_cov_kernel[(plan.n_docs * H,)](
             k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv, w, vpri, H,
-            K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, num_warps=8)
+            K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, num_warps=8, num_stages=1)
     else:
         _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
                                                   K=K, BK=BK, C=C, num_warps=4)
@@ -359,7 +359,7 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
     BV = _block_v(K, V)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
         k, v, g, u, w, linv, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, num_warps=4)
+        K=K, V=V, BK=BK, BV=BV, C=C, num_warps=4, num_stages=1)
     o = torch.empty_like(v)
     variance = torch.empty(B, T, H, dtype=v.dtype, device=dev) if output_variance else None
     _output_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](
