@@ -30,6 +30,11 @@ class Bayes:
     # Layer layout over B (Bayesian), D (Gated DeltaNet), A (attention), repeated to n_layers;
     # "" keeps the spec's default (bayes_lm "B", bayes_hybrid "BBBA", gdn_lm "D", transformer_lm "A").
     layout: str = ""
+    # Filter head shape overrides for B/D layers (0 keeps the flavor's): number of heads,
+    # key size K (the covariance is K × K per head) and value size V.
+    n_heads: int = 0
+    head_k_dim: int = 0
+    head_v_dim: int = 0
     # 0: the vocabulary follows the tokenizer (padded to a multiple of 64); else this size.
     vocab_size: int = 0
     # Log per-layer filter diagnostics (mean write gain, trace(P)/K, mean predictive variance)

@@ -63,6 +63,8 @@ def parse_config(argv: list[str]):
 
     try:
         return ConfigManager().parse_args(_with_custom_config(argv))
+    except ValueError as e:  # unknown keys in a TOML section
+        raise JobError(str(e).strip().splitlines()[0] + " (check the key names of the TOML file)") from None
     except SystemExit as e:  # tyro reports unknown keys / bad types itself, then exits
         raise JobError("the configuration was rejected (unknown key or wrong type; see the message "
                        "above)") from e
@@ -97,13 +99,23 @@ def check_job(job_config) -> None:
     if job_config.validation.enable and job_config.validation.dataset_path \
             and not os.path.exists(job_config.validation.dataset_path):
         raise JobError(f"validation.dataset_path = {job_config.validation.dataset_path!r} does not exist")
-    if getattr(job_config, "bayes", None) is not None and job_config.bayes.backend == "triton" \
-            and not gpu_present():
-        raise JobError("[bayes] backend = \"triton\" needs a CUDA GPU; use \"auto\" or \"chunked\" on a CPU")
+    try:
+        from titan_bayes.data import DATASETS
+    except ImportError:
+        DATASETS = None
+    roles = [("training", job_config.training)] + (
+        [("validation", job_config.validation)] if job_config.validation.enable else [])
+    for role, section in roles:
+        if DATASETS is not None and section.dataset.lower() not in DATASETS:
+            raise JobError(f"{role}.dataset = {section.dataset!r} is not registered; choose one of "
+                           f"{sorted(DATASETS)}")
     try:
         args.update_from_config(job_config)
     except (ValueError, FileNotFoundError) as e:
         raise JobError(str(e)) from None
+    if getattr(job_config, "bayes", None) is not None and job_config.bayes.backend == "triton" \
+            and not gpu_present():
+        raise JobError("[bayes] backend = \"triton\" needs a CUDA GPU; use \"auto\" or \"chunked\" on a CPU")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torchtitan.train import Trainer
 
+    # Files the Trainer may create before it fails (process-group traces): removed again on a
+    # configuration error, so an existing dump folder is left as it was.
+    dump = job_config.job.dump_folder
+    created = [p for p in (os.path.join(dump, job_config.comm.save_traces_folder), dump)
+               if not os.path.exists(p)]
     trainer = None
     try:
         trainer = Trainer(job_config)
@@ -138,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             trainer.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        for path in created:
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(ERROR_PREFIX + message, file=sys.stderr, flush=True)
         return 2

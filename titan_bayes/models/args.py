@@ -126,11 +126,21 @@ class BayesModelArgs(BaseModelArgs):
         if self.backend == "triton" and any(c in "BD" for c in self.full_layout):
             from titan_bayes import kernels
 
-            max_k = getattr(kernels, "MAX_HEAD_K", 256)
-            if self.head_k_dim > max_k:
+            max_k, max_v = getattr(kernels, "MAX_K", 256), getattr(kernels, "MAX_V", 512)
+            if self.head_k_dim > max_k or self.head_v_dim > max_v:
                 raise ValueError(
-                    f"[bayes] backend = \"triton\" supports head K <= {max_k}, but this flavor has "
-                    f"head_k_dim = {self.head_k_dim}; use backend = \"chunked\" or a smaller-K flavor")
+                    f"[bayes] backend = \"triton\" supports head K <= {max_k} and V <= {max_v}, but the "
+                    f"model has head_k_dim = {self.head_k_dim}, head_v_dim = {self.head_v_dim}; use "
+                    "backend = \"chunked\" or smaller heads")
+            chunks = getattr(kernels, "CHUNK_SIZES", None)
+            if chunks is not None and self.chunk_size not in chunks:
+                raise ValueError(f"[bayes] backend = \"triton\" supports chunk_size in {tuple(chunks)}, "
+                                 f"got {self.chunk_size}")
+            modes = getattr(kernels, "KERNEL_MODES", FILTER_MODES)
+            used = {self.layer_mode(c) for c in self.full_layout if c in "BD"}
+            if used - set(modes):
+                raise ValueError(f"[bayes] backend = \"triton\" has kernels for modes {tuple(modes)}, "
+                                 f"not {sorted(used - set(modes))}; use backend = \"chunked\"")
 
     def update_from_config(self, job_config, **kwargs) -> None:
         """Apply the [bayes] section and the tokenizer's vocabulary.
@@ -147,6 +157,12 @@ class BayesModelArgs(BaseModelArgs):
             self.backend = bayes.backend
             self.process_noise = bayes.process_noise
             self.prior_scale = bayes.prior_scale
+            for key in ("n_heads", "head_k_dim", "head_v_dim"):
+                value = getattr(bayes, key)
+                if value < 0:
+                    raise ValueError(f"[bayes] {key} = {value} must be >= 0 (0 keeps the flavor's)")
+                if value:
+                    setattr(self, key, value)
         self.max_seq_len = job_config.training.seq_len
         tokenizer_vocab = kwargs.get("tokenizer_vocab_size") or _tokenizer_vocab_size(job_config)
         if tokenizer_vocab:

@@ -41,6 +41,11 @@ def _local(p: torch.Tensor, replicated: bool = False) -> torch.Tensor:
     return p
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16/fp16 → fp32; fp64 stays fp64, for exactness tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def cu_seqlens_from_doc_starts(doc_starts: torch.Tensor) -> torch.Tensor:
     """Boundaries of the flattened [1, B*T] stream: every row start and every document start."""
     B, T = doc_starts.shape
@@ -104,8 +109,8 @@ class HeadParams(nn.Module):
         Read through a call, not as attributes: FSDP gathers a module's parameters in its
         forward pre-hook, and this module is an FSDP unit of its own (infra/parallelize.py).
         """
-        noise = None if self.noise_log is None else _local(self.noise_log).float()
-        return _local(self.A_log).float(), _local(self.dt_bias).float(), noise
+        noise = None if self.noise_log is None else _up(_local(self.noise_log))
+        return _up(_local(self.A_log)), _up(_local(self.dt_bias)), noise
 
     def reset_parameters(self):
         # GDN/Mamba-2 init: A ~ U(1, 16) (decay rates), dt ~ logU(1e-3, 1e-1) through softplus⁻¹.
@@ -165,12 +170,13 @@ class FilterMixer(nn.Module):
         k = k.view(B, T, -1, K)
         v = v.view(B, T, -1, V)
         # fla's l2norm: x / sqrt(|x|² + 1e-6), in fp32.
-        q = (q.float() * torch.rsqrt(q.float().pow(2).sum(-1, keepdim=True) + 1e-6)).to(v.dtype)
-        k = (k.float() * torch.rsqrt(k.float().pow(2).sum(-1, keepdim=True) + 1e-6)).to(v.dtype)
+        q, k = _up(q), _up(k)
+        q = (q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6)).to(v.dtype)
+        k = (k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)).to(v.dtype)
 
         A_log, dt_bias, noise_log = self.head_params()
-        g = -A_log.exp() * F.softplus(self.a_proj(x).float() + dt_bias)  # [B, T, H] ≤ 0
-        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -A_log.exp() * F.softplus(_up(self.a_proj(x)) + dt_bias)  # [B, T, H] ≤ 0
+        beta = torch.sigmoid(_up(self.b_proj(x)))
         # beta must stay in (0, 1]: sigmoid underflows to 0 for very negative inputs. The exact
         # filter also needs observation noise r = (1 − beta)/beta > 0 (pivots of the chunk
         # factorisation): keep r ≥ 1e-4 there (design note §6).
@@ -198,7 +204,7 @@ class FilterMixer(nn.Module):
 
         gate = self.g_proj(x).view(B, T, -1, V)
         w = _local(self.o_norm.weight, replicated=True)
-        o = F.rms_norm(o.float(), (V,), eps=self.o_norm.eps).to(o.dtype) * w * F.silu(gate)
+        o = F.rms_norm(_up(o), (V,), eps=self.o_norm.eps).to(o.dtype) * w * F.silu(gate)
         return self.o_proj(o.reshape(B, T, -1))
 
     @torch.no_grad()
@@ -257,9 +263,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
-        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, hd, 2, device=x.device,
-                                                              dtype=torch.float32) / hd))
-        angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+        dtype = torch.promote_types(x.dtype, torch.float32)  # angles in fp32 (fp64 for tests)
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, hd, 2, device=x.device, dtype=dtype) / hd))
+        angles = torch.arange(T, device=x.device, dtype=dtype)[:, None] * inv_freq
         cos = torch.cat([angles.cos(), angles.cos()], -1).to(q.dtype)
         sin = torch.cat([angles.sin(), angles.sin()], -1).to(q.dtype)
         q = q * cos + _rotate_half(q) * sin
