@@ -107,19 +107,22 @@ def test_real_wikitext2_validation_articles():
     assert sum(len(d) for d in documents) == sum(len(l) for l in lines if l.strip())
 
 
-def slimpajama_dir(tmp_path, kind):
+def slimpajama_dir(tmp_path, kind, files=4):
     records = {"train": slimpajama_records(60, 0), "validation": slimpajama_records(14, 1)}
     root = str(tmp_path / kind)
     if kind == "slimpajama":
-        write_slimpajama_copy(root, records, chunks=2, files_per_chunk=2)
+        write_slimpajama_copy(root, records, chunks=2 if files % 2 == 0 else 1,
+                              files_per_chunk=files // 2 if files % 2 == 0 else files)
     else:
         write_slimpajama6b_copy(root, records, shards=4)
     return root, records
 
 
-@pytest.mark.parametrize("kind", ["slimpajama", "slimpajama6b"])
-def test_slimpajama_reads_every_document_once_across_ranks_and_filters_sets(tmp_path, kind):
-    root, records = slimpajama_dir(tmp_path, kind)
+@pytest.mark.parametrize("kind, files", [
+    ("slimpajama", 4), ("slimpajama", 3), ("slimpajama", 1), ("slimpajama6b", 4)])
+def test_slimpajama_reads_every_document_once_across_ranks_and_filters_sets(tmp_path, kind, files):
+    """Whole files per rank (4 files), uneven file shares (3), and rows by rank (1 file)."""
+    root, records = slimpajama_dir(tmp_path, kind, files)
     wanted = {"RedPajamaC4", "RedPajamaArXiv"}
     seen = []
     for rank in range(2):

@@ -114,3 +114,18 @@ def test_hf_tokenizer_without_folder_is_named(tmp_path):
     job.model.hf_assets_path = str(tmp_path / "nothing")
     with pytest.raises(DataConfigError, match="hf_assets_path"):
         build_tokenizer(job)
+
+
+def test_exported_rank_file_is_the_published_one(tmp_path, monkeypatch):
+    """export_rank_file writes what tiktoken holds; reading it back passes the sha256 check
+    against OpenAI's published cl100k_base file."""
+    import tiktoken
+
+    from titan_bayes.data.tokenizers import export_rank_file, load_tiktoken_encoding
+
+    offline = load_tiktoken_encoding("cl100k_base")
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: offline)
+    out = tmp_path / "cl100k_base.tiktoken"
+    export_rank_file("cl100k_base", str(out))
+    t = tok(tokenizer="tiktoken", tiktoken_encoding="cl100k_base", tiktoken_rank_file=str(out))
+    assert t.encode("hello world") == [15339, 1917]

@@ -151,6 +151,13 @@ def load_tiktoken_encoding(encoding_name: str, rank_file: str = ""):
             f"{', '.join(constructors)}"
         )
     path = rank_file or bundled_rank_file(encoding_name)
+    if rank_file and not os.path.isfile(rank_file):
+        raise DataConfigError(
+            f"tiktoken rank file {rank_file!r} does not exist; set [bayes_data] "
+            "tiktoken_rank_file to a .tiktoken or .tiktoken.gz file (make one where there is "
+            f"network: python -m titan_bayes.data.tokenizers export-rank-file {encoding_name} "
+            f"{rank_file})"
+        )
     if not path:
         raise DataConfigError(
             f"no rank file for tiktoken encoding {encoding_name!r}: set [bayes_data] "
@@ -186,3 +193,27 @@ def _hf_tokenizer(folder: str | None) -> BaseTokenizer:
             f"tokenizer.json; got {folder!r}"
         )
     return HuggingFaceTokenizer(folder)
+
+
+def export_rank_file(encoding_name: str, out_path: str) -> None:
+    """Write an encoding's ranks as a .tiktoken file, on a machine with network access.
+
+    gpt2's rank file is not shipped by any package here; run this once where the network
+    is reachable (tiktoken downloads the encoding), then copy the file to the cluster and
+    set [bayes_data] tiktoken_rank_file to it.
+    """
+    import tiktoken
+
+    ranks = tiktoken.get_encoding(encoding_name)._mergeable_ranks
+    with open(out_path, "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "export-rank-file":
+        sys.exit("usage: python -m titan_bayes.data.tokenizers export-rank-file ENCODING OUT.tiktoken")
+    export_rank_file(sys.argv[2], sys.argv[3])
+    print(f"wrote {sys.argv[3]}; set [bayes_data] tiktoken_rank_file = \"{sys.argv[3]}\"")
