@@ -42,10 +42,12 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
                                                   output_variance, chunk_size)
     last = _final_index(plan)
     S_final = h_slots[last].contiguous()
-    empty = q.new_empty(0, dtype=torch.float32)
-    P_final = p_slots[last].contiguous() if p_slots is not None else empty
-    return (o, variance if variance is not None else empty, S_final, P_final, h_slots,
-            p_slots if p_slots is not None else empty.clone())
+    def empty():  # a fresh one each time: a custom op's outputs may not alias each other
+        return q.new_empty(0, dtype=torch.float32)
+
+    P_final = p_slots[last].contiguous() if p_slots is not None else empty()
+    return (o, variance if variance is not None else empty(), S_final, P_final, h_slots,
+            p_slots if p_slots is not None else empty())
 
 
 @chunk_fwd.register_fake
