@@ -99,10 +99,14 @@ def check_job(job_config) -> None:
     if job_config.validation.enable and job_config.validation.dataset_path \
             and not os.path.exists(job_config.validation.dataset_path):
         raise JobError(f"validation.dataset_path = {job_config.validation.dataset_path!r} does not exist")
+    from titan_bayes import train_specs
+
     try:
         from titan_bayes.data import DATASETS
     except ImportError:
         DATASETS = None
+    if spec.build_dataloader_fn is not train_specs.build_dataloader:
+        DATASETS = None  # a spec with its own data: its builder checks its names
     roles = [("training", job_config.training)] + (
         [("validation", job_config.validation)] if job_config.validation.enable else [])
     for role, section in roles:
