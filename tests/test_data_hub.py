@@ -216,3 +216,12 @@ def test_resuming_with_another_tokenizer_is_refused(wikitext_dir):
     resumed.load_state_dict(state)  # applied when the loader starts iterating
     with pytest.raises(ValueError, match=r"ByteTokenizer, vocab 259.*TiktokenTokenizer\(cl100k_base\)"):
         take(resumed, 1)
+
+
+def test_validation_reads_the_training_copy_of_the_same_dataset(wikitext_dir):
+    path, articles = wikitext_dir
+    job = make_job_config("wikitext103", seq_len=32, batch=1, dataset_path=path, tokenizer="bytes")
+    assert job.validation.dataset_path is None
+    with no_network():
+        (inputs, _), = take(build_validation_dataloader(1, 0, build_tokenizer(job), job), 1)
+    assert "".join(articles["validation"][0]).startswith(bytes(inputs["input"][0, 1:].tolist()).decode())

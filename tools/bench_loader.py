@@ -64,18 +64,20 @@ def main() -> None:
 
     batches = iter(loader)
     next(batches)  # warm-up: file reading and the first documents
-    tokens, start = 0, time.perf_counter()
+    tokens, start, cpu_start = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < args.seconds:
         inputs, _ = next(batches)
         tokens += inputs["input"].numel()
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start  # this process's CPU time, all its threads
 
     cores = 1 if not args.no_pin else len(os.sched_getaffinity(0))
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
           f"torch {torch.__version__}, cores used: {cores}, loader workers: {args.workers}")
     print(f"data: {args.path} ({args.text_split} documents), tokenizer: tiktoken {args.encoding}, "
           f"seq_len {args.seq_len}, batch {args.batch}")
-    print(f"{tokens:,} tokens in {elapsed:.2f} s: {tokens / elapsed:,.0f} tokens/s per rank")
+    print(f"{tokens:,} tokens in {elapsed:.2f} s: {tokens / elapsed:,.0f} tokens/s per rank; "
+          f"{cpu:.2f} CPU-s in this process: {tokens / cpu:,.0f} tokens per CPU-second")
 
 
 if __name__ == "__main__":

@@ -171,10 +171,10 @@ def _build_hub_dataset(ds: HubDataset, req: DataRequest):
         files = slimpajama_local_files(ds, req.path, split)
         data = _open_local(ds, files, ds.file_format, streaming)
     else:
-        data = _open_hub_stream(ds, split)
         if not streaming:
             raise DataConfigError(f"{ds.name}: streaming = false needs a local copy "
                                   "(training.dataset_path); from the hub it always streams")
+        data = _open_hub_stream(ds, split)
 
     to_text = _text_of(ds, frozenset(req.cfg.redpajama_sets))
     if ds.wikitext:

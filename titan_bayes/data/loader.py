@@ -106,9 +106,17 @@ def build_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config,
 
 def build_validation_dataloader(dp_world_size: int, dp_rank: int, tokenizer, job_config,
                                 infinite: bool = False) -> ParallelAwareDataloader:
-    """The validation data chosen by `validation.dataset` (its own path, seq_len, batch)."""
-    validation = job_config.validation
-    req = DataRequest(validation.dataset, validation.dataset_path, "validation",
+    """The validation data chosen by `validation.dataset` (its own seq_len and batch).
+
+    Its path is `validation.dataset_path`, or `training.dataset_path` when both sections
+    name the same dataset.
+    """
+    validation, training = job_config.validation, job_config.training
+    path = validation.dataset_path
+    if path is None and validation.dataset.lower() == training.dataset.lower():
+        # The same dataset's other split: a local copy given for training holds it too.
+        path = training.dataset_path
+    req = DataRequest(validation.dataset, path, "validation",
                       validation.seq_len, dp_rank, dp_world_size, tokenizer,
                       data_config(job_config), infinite)
     return _make_loader(build_dataset(req), dp_rank, dp_world_size,

@@ -22,7 +22,7 @@ def make_job_config(dataset: str = "mqar", seq_len: int = 64, batch: int = 4,
     job.training.seq_len = seq_len
     job.training.local_batch_size = batch
     job.validation.dataset = validation_dataset or dataset
-    job.validation.dataset_path = validation_path if validation_dataset else (validation_path or dataset_path)
+    job.validation.dataset_path = validation_path
     job.validation.seq_len = seq_len
     job.validation.local_batch_size = batch
     job.bayes_data = BayesData(**bayes_data)
