@@ -12,7 +12,7 @@ import titan_bayes  # noqa: F401  (registers the specs)
 from titan_bayes.data import DataConfigError, build_dataloader, build_tokenizer
 from titan_bayes.data.loader import build_validation_dataloader
 from titan_bayes.data.testing import (
-    slimpajama_records, take, wikitext_rows, write_slimpajama_copy, write_wikitext_copy,
+    no_network, slimpajama_records, take, wikitext_rows, write_slimpajama_copy, write_wikitext_copy,
 )
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -48,8 +48,9 @@ def local_copies(tmp_path, monkeypatch):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(tokenizer_dir / "tokenizer.json"))
     (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    return {"wikitext103": str(tmp_path / "wt"), "slimpajama": str(tmp_path / "sp"),
-            "tokenizer": str(tokenizer_dir)}
+    with no_network():  # the data sections must load from local copies alone
+        yield {"wikitext103": str(tmp_path / "wt"), "slimpajama": str(tmp_path / "sp"),
+               "tokenizer": str(tokenizer_dir)}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

@@ -18,9 +18,12 @@ SHARED_WIKITEXT2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
 
 
 @pytest.fixture(autouse=True)
-def private_hf_cache(tmp_path, monkeypatch):
+def offline_with_private_cache(tmp_path, monkeypatch):
+    """Every test here runs with the network blocked: local copies must need none."""
     # datasets writes arrow caches for map-style local files; keep them out of ~/.cache.
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    with no_network():
+        yield
 
 
 def make_articles(n, seed):

@@ -45,10 +45,10 @@ class NetworkBlocked(ConnectionRefusedError):
 
 @contextlib.contextmanager
 def no_network(offline_env: bool = True):
-    """Block outgoing connections of this process (and, optionally, set the HF offline flags).
+    """Block outgoing connections of this process; set the HF offline flags, or clear them.
 
-    Every socket connect raises; DNS lookups fail too, so a library that ignores the
-    offline flags still cannot reach anything.
+    Every connect of a network socket raises; DNS lookups fail too, so a library that
+    ignores the offline flags still cannot reach anything.
     """
     saved_connect = socket.socket.connect
     saved_connect_ex = socket.socket.connect_ex
@@ -58,12 +58,22 @@ def no_network(offline_env: bool = True):
     def refuse(*_args, **_kwargs):
         raise NetworkBlocked("network access is blocked in this test")
 
-    socket.socket.connect = refuse
-    socket.socket.connect_ex = refuse
+    def guarded(original):
+        # Unix-domain sockets stay usable: loader worker processes talk through them.
+        def connect(sock, *args, **kwargs):
+            if sock.family == socket.AF_UNIX:
+                return original(sock, *args, **kwargs)
+            refuse()
+        return connect
+
+    socket.socket.connect = guarded(saved_connect)
+    socket.socket.connect_ex = guarded(saved_connect_ex)
     socket.getaddrinfo = refuse
-    if offline_env:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for key in saved_env:
+        if offline_env:
+            os.environ[key] = "1"
+        else:  # only the socket guard: what a machine without network looks like
+            os.environ.pop(key, None)
     try:
         yield
     finally:
