@@ -1,6 +1,9 @@
 """The validator: torchtitan's loss plus accuracy on the labelled (MQAR query) positions."""
 
 import contextlib
+import json
+import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -91,3 +94,67 @@ def test_validation_logs_loss_and_query_accuracy(monkeypatch, wrong_keys):
         assert want_acc == 1.0
     else:
         assert 0.0 < want_acc < 1.0
+
+
+def _uneven_worker(rank, store_file, data_dir, out_dir):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        validate_module.utils.device_type = "cpu"
+        mesh = init_device_mesh("cpu", (2,))
+        dims = SimpleNamespace(dp_enabled=True, dp_cp_enabled=True, pp_enabled=False, cp_enabled=False,
+                               get_mesh=lambda name: mesh, get_optional_mesh=lambda name: mesh)
+        job = make_job_config("local_text", seq_len=16, batch=1, dataset_path=data_dir, tokenizer="bytes")
+        job.validation.steps = -1
+        metrics = Metrics()
+        validator = build_validator(job_config=job, dp_world_size=2, dp_rank=rank,
+                                    tokenizer=build_tokenizer(job), parallel_dims=dims,
+                                    loss_fn=cross_entropy_loss, validation_context=contextlib.nullcontext,
+                                    maybe_enable_amp=contextlib.nullcontext(), metrics_processor=metrics)
+        model = CountingModel()
+        validator.validate([model], step=1)
+        total = sum(1 for _ in build_validation_dataloader(2, rank, build_tokenizer(job), job))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"forwards": model.calls, "batches": total, "loss": metrics.logged[0][1]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, tokens, doc_starts):
+        self.calls += 1
+        return torch.zeros(*tokens.shape, 259)
+
+
+def test_uneven_dp_ranks_stop_validation_together(tmp_path):
+    """validation.steps = -1 with ranks holding different numbers of batches: both stop at
+    the smaller count instead of one waiting forever in a collective."""
+    import torch.multiprocessing as mp
+
+    docs = ["x" * 200, "y" * 20, "z" * 200, "w" * 20]  # rank 0 gets the long ones
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_uneven_worker, args=(r, str(tmp_path / "store"), str(tmp_path), str(out)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, "validation hung"
+    assert all(p.exitcode == 0 for p in procs)
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["batches"] > r1["batches"] > 0
+    assert r0["forwards"] == r1["forwards"] == r1["batches"]
+    assert r0["loss"] == pytest.approx(r1["loss"]) == pytest.approx(math.log(259))

@@ -70,6 +70,28 @@ class BayesValidator(Validator):
             logits = model_parts[0](inputs, **extra_inputs, **extra_kwargs)
             return self.loss_fn(logits, labels), logits
 
+    def _batches_all_ranks_have(self, dp_mesh):
+        """The validation batches, stopping at `validation.steps` or when any DP rank runs out.
+
+        DP ranks may hold different numbers of batches (uneven shards); a rank that stopped
+        early would leave the others waiting in a collective forever.
+        """
+        limit = self.job_config.validation.steps
+        batches = iter(self.validation_dataloader)
+        taken = 0
+        while limit == -1 or taken < limit:
+            batch = next(batches, None)
+            if dp_mesh is not None:
+                have = torch.tensor([0 if batch is None else 1], device=utils.device_type)
+                torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN,
+                                             group=dp_mesh.get_group())
+                if have.item() == 0:
+                    return
+            if batch is None:
+                return
+            yield batch
+            taken += 1
+
     @torch.no_grad()
     def validate(self, model_parts, step: int) -> None:
         for model in model_parts:
@@ -80,9 +102,7 @@ class BayesValidator(Validator):
         step_losses = []
         correct = torch.zeros((), dtype=torch.int64, device=device)
         labelled = torch.zeros((), dtype=torch.int64, device=device)
-        for batch_index, (input_dict, labels) in enumerate(self.validation_dataloader):
-            if self.job_config.validation.steps != -1 and batch_index >= self.job_config.validation.steps:
-                break
+        for input_dict, labels in self._batches_all_ranks_have(dp_mesh):
             self.metrics_processor.ntokens_since_last_log += labels.numel()
             input_dict = {k: v.to(device) for k, v in input_dict.items()}
             labels = labels.to(device)
