@@ -1,11 +1,22 @@
-"""Backward of the chunked filter: a reverse sweep over chunks with per-chunk recomputation.
+"""Backward of the chunked filter: chunk-local recomputation, all chunks at once, plus two
+cheap linear sweeps that carry the state adjoints from chunk to chunk.
 
-The forward kernels keep the belief at every chunk boundary (the state slots). Going from
-the last chunk to the first, each chunk is recomputed from its saved start state by the
-PyTorch chunked path (titan_bayes.ops.chunk, itself tested against the float64 token-by-token
-filter) and differentiated by autograd, with the incoming adjoints (dO, dS_end, dP_end); the
-adjoints of its start state carry to the chunk before. Gradients are exact, only one chunk's
-graph is alive at a time, and the saved memory is the boundary states.
+The forward kernels keep the belief at every chunk boundary (the state slots). Given its
+start state, each chunk is an independent function f_i(S_i, P_i, inputs_i) → (O_i, var_i,
+S_{i+1}, P_{i+1}), so all chunks are recomputed in one batched call of the PyTorch chunked
+path (titan_bayes.ops.chunk, tested against the float64 token-by-token filter), every chunk
+a row of length C, and differentiated by autograd. What couples the chunks is the adjoint of
+the carried state, and it obeys two linear recursions with one K × K matrix per chunk, the
+chunk's closed-loop transition Φ_i = F_C ⋯ F_1, F_t = a_t (I − u_t k_tᵀ / s_t):
+  - the mean map is affine in S_i, S_{i+1} = Φ_i S_i + (terms free of S_i), so
+        dS_i = Φ_iᵀ dS_{i+1} + ∂(O_i)/∂S_i · dO_i;
+  - with optimal (Kalman) gains the first-order change of the gains drops out of the
+    covariance update (d(P̄ − P̄kkᵀP̄/s) = (I − ukᵀ/s) dP̄ (I − ukᵀ/s)ᵀ), so P_{i+1} moves by
+    Φ_i dP_i Φ_iᵀ and
+        dP_i = Φ_iᵀ dP_{i+1} Φ_i + ∂(O_i, var_i, S_{i+1})/∂P_i · (dO_i, dvar_i, dS_{i+1}).
+Φ_i is the chunk's end mean when it starts from S_i = I with zero values. Three VJPs of the
+batched recomputation (local terms for S; local terms for P once dS is known; everything once
+dP is known) and the two sweeps give the exact gradients. Saved memory: the boundary states.
 """
 
 from __future__ import annotations
@@ -24,53 +35,108 @@ def _boundary_states(slots, plan):
     return slots[index]
 
 
+class _Rows:
+    """[N, H, n·C, ...] (documents, padded to whole chunks) ↔ [N·n, H, C, ...] (one chunk a row)."""
+
+    def __init__(self, N, n, C):
+        self.N, self.n, self.C = N, n, C
+
+    def split(self, x):
+        N, H = x.shape[:2]
+        x = x.reshape(N, H, self.n, self.C, *x.shape[3:]).transpose(1, 2)
+        return x.reshape(N * self.n, H, self.C, *x.shape[4:])
+
+    def merge(self, x):
+        H = x.shape[1]
+        x = x.reshape(self.N, self.n, H, self.C, *x.shape[3:]).transpose(1, 2)
+        return x.reshape(self.N, H, self.n * self.C, *x.shape[4:])
+
+
+def _reverse_sweep(transition, local, final, two_sided):
+    """d_i = Φ_iᵀ d_{i+1} (Φ_i if two_sided) + local_i for i = n−1 … 0, d_n = final.
+
+    transition, local: [N, n, H, K, ·]; returns the adjoints d_{i+1} of every chunk's end state."""
+    n = transition.shape[1]
+    incoming = torch.empty_like(local)
+    d = final
+    for i in reversed(range(n)):
+        incoming[:, i] = d
+        Phi_T = transition[:, i].transpose(-1, -2)
+        if two_sided:
+            d = 0.5 * (d + d.transpose(-1, -2))         # P is symmetrised: only sym(dP) acts
+            d = Phi_T @ d @ transition[:, i] + local[:, i]
+        else:
+            d = Phi_T @ d + local[:, i]
+    return incoming
+
+
 def chunk_backward(mode, inputs, h_slots, p_slots, cu_seqlens, plan, grads, scale, output_variance, chunk_size):
     """inputs: (q, k, v, g, beta, noise) as given to the forward, [B, T, H, ...];
     grads: (dO, dvar or None, dS_final or None, dP_final or None).
     Returns (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0) in the inputs' layouts (dP0 None for reset)."""
-    q = inputs[0]
-    B, T, H, K = q.shape
-    C = chunk_size
+    T = inputs[0].shape[1]
+    C, n = chunk_size, plan.max_chunks
+    bayes = mode == "bayes"
     layout = _Layout(cu_seqlens, T, C)
-    packed = layout.pack(*[x.float() for x in inputs])               # [N, H, T', ...]
-    d_out, d_var, dS, dP = grads
-    d_out = layout._pack_one(d_out.float(), 0.0)
-    d_var = layout._pack_one(d_var.float()[..., None], 0.0)[..., 0] if d_var is not None else None
-    S_bounds = _boundary_states(h_slots, plan).transpose(1, 2)       # [N, H, n+1, K, V]
-    P_bounds = _boundary_states(p_slots, plan).transpose(1, 2) if mode == "bayes" else None
-    n_max = plan.max_chunks
-    dS = torch.zeros_like(S_bounds[:, :, 0]) if dS is None else dS.float()
-    if mode == "bayes":
-        dP = torch.zeros_like(P_bounds[:, :, 0]) if dP is None else dP.float()
-    pieces = []
-    for i in reversed(range(n_max)):
-        span = slice(i * C, (i + 1) * C)
-        leaves = [x[:, :, span].detach().requires_grad_() for x in packed]
-        S_i = S_bounds[:, :, i].detach().requires_grad_()
-        P_i = P_bounds[:, :, i].detach().requires_grad_() if mode == "bayes" else None
-        with torch.enable_grad():
-            o, S, P, var, _ = chunked_filter(mode, *leaves, S_i, P_i, scale, output_variance, C)
-        outs, adjoints = [o, S], [d_out[:, :, span], dS]
-        if mode == "bayes":
-            outs.append(P)
-            adjoints.append(dP)
-            if d_var is not None:
-                outs.append(var)
-                adjoints.append(d_var[:, :, span])
-        wrt = leaves + [S_i] + ([P_i] if mode == "bayes" else [])
-        got = torch.autograd.grad(outs, wrt, adjoints, allow_unused=True)
-        got = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(wrt, got)]
-        pieces.append(got[:6])
-        dS = got[6]
-        if mode == "bayes":
-            dP = got[7]
-    pieces.reverse()
-    grads_in = [torch.cat([p[j] for p in pieces], dim=2) for j in range(6)]
-    out = []
-    for x, gr in zip(inputs, grads_in):
-        if gr.dim() == 3:                                            # g, beta, noise [N, H, T']
-            gr = layout.unpack(gr[..., None])[..., 0]
-        else:
-            gr = layout.unpack(gr)
-        out.append(gr.to(x.dtype))
-    return (*out, dS, dP if mode == "bayes" else None)
+    rows = _Rows(plan.n_docs, n, C)
+    packed = [rows.split(x) for x in layout.pack(*[x.float() for x in inputs])]
+    d_out, d_var, dS_final, dP_final = grads
+    d_out = rows.split(layout._pack_one(d_out.float(), 0.0))
+    with_var = bayes and output_variance and d_var is not None
+    if with_var:
+        d_var = rows.split(layout._pack_one(d_var.float()[..., None], 0.0)[..., 0])
+
+    def starts(slots):  # [N·n, H, K, ·]: every chunk's start state
+        b = _boundary_states(slots, plan)[:, :n]
+        return b.reshape(plan.n_docs * n, *b.shape[2:]).detach().requires_grad_()
+
+    S_i = starts(h_slots)
+    P_i = starts(p_slots) if bayes else None
+    leaves = [x.detach().requires_grad_() for x in packed]
+    with torch.enable_grad():
+        o, S_end, P_end, var, _ = chunked_filter(mode, *leaves, S_i, P_i, scale, with_var, C)
+    transition = _transition(mode, packed, P_i, scale, C)
+
+    def per_doc(x):  # [N·n, H, ...] → [N, n, H, ...]
+        return x.reshape(plan.n_docs, n, *x.shape[1:])
+
+    local_out, local_adj = [o], [d_out]
+    if with_var:
+        local_out.append(var)
+        local_adj.append(d_var)
+    # 1. The mean adjoints: local terms, then the sweep over chunks.
+    (local_S,) = torch.autograd.grad(local_out, [S_i], local_adj, retain_graph=True, allow_unused=True)
+    local_S = torch.zeros_like(S_i) if local_S is None else local_S
+    dS_final = torch.zeros_like(S_i[:plan.n_docs]) if dS_final is None else dS_final.float()
+    dS_next = _reverse_sweep(per_doc(transition), per_doc(local_S), dS_final, two_sided=False)
+    outs, adjs = local_out + [S_end], local_adj + [dS_next.flatten(0, 1)]
+    if bayes:
+        # 2. The covariance adjoints: local terms (now including dS_{i+1}), then the sweep.
+        (local_P,) = torch.autograd.grad(outs, [P_i], adjs, retain_graph=True)
+        dP_final = torch.zeros_like(P_i[:plan.n_docs]) if dP_final is None else dP_final.float()
+        dP_next = _reverse_sweep(per_doc(transition), per_doc(local_P), dP_final, two_sided=True)
+        outs, adjs = outs + [P_end], adjs + [dP_next.flatten(0, 1)]
+    # 3. Everything, with every chunk's end-state adjoints known.
+    wrt = leaves + [S_i] + ([P_i] if bayes else [])
+    got = torch.autograd.grad(outs, wrt, adjs, allow_unused=True)
+    got = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(wrt, got)]
+    result = []
+    for x, gr in zip(inputs, got[:6]):
+        gr = rows.merge(gr)
+        gr = layout.unpack(gr[..., None])[..., 0] if gr.dim() == 3 else layout.unpack(gr)
+        result.append(gr.to(x.dtype))
+    dS0 = per_doc(got[6])[:, 0]
+    dP0 = per_doc(got[7])[:, 0] if bayes else None
+    return (*result, dS0, dP0)
+
+
+@torch.no_grad()
+def _transition(mode, packed, P_i, scale, C):
+    """Φ_i of every chunk: its end mean when started from S = I with zero values."""
+    q, k, v, g, beta, noise = packed
+    R, H, _, K = k.shape
+    eye = torch.eye(K, dtype=k.dtype, device=k.device).expand(R, H, K, K).contiguous()
+    zeros = torch.zeros(R, H, C, K, dtype=k.dtype, device=k.device)
+    P0 = P_i.detach() if P_i is not None else None
+    _, Phi, _, _, _ = chunked_filter(mode, zeros, k, zeros, g, beta, noise, eye, P0, scale, False, C)
+    return Phi
