@@ -317,6 +317,10 @@ class Plan:
         self.per_doc = per_doc
 
 
+# Launch settings (module constants so a tuning script can try others).
+COV_WARPS, MEAN_WARPS, OUT_WARPS = 8, 4, 4
+
+
 def _block_v(K, V):
     # The h-loop holds S0 [K, BV] and U, K̃ [C, K] in registers: narrower V blocks for K = 256.
     return max(16, min(triton.next_power_of_2(V), 32 if K > 128 else 64))
@@ -350,7 +354,7 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
         BP = min(BK, 64)
         _bayes_cov_kernel[(plan.n_docs * H,)](
             k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv, w, vpri, H,
-            K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, num_warps=8, num_stages=1)
+            K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, num_warps=COV_WARPS, num_stages=1)
     else:
         _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
                                                   K=K, BK=BK, C=C, num_warps=4)
@@ -359,14 +363,14 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
     BV = _block_v(K, V)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
         k, v, g, u, w, linv, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, num_warps=4, num_stages=1)
+        K=K, V=V, BK=BK, BV=BV, C=C, num_warps=MEAN_WARPS, num_stages=1)
     o = torch.empty_like(v)
     variance = torch.empty(B, T, H, dtype=v.dtype, device=dev) if output_variance else None
     _output_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](
         q, g, u, w, e, h_slots, vpri if vpri is not None else w, plan.chunks, plan.cu, plan.slot0,
         o, variance if variance is not None else o, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C,
-        WITH_VARIANCE=output_variance and mode == "bayes", num_warps=4)
+        WITH_VARIANCE=output_variance and mode == "bayes", num_warps=OUT_WARPS)
     if output_variance and mode != "bayes":
         variance.zero_()
     return o, variance, h_slots, p_slots
