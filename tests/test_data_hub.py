@@ -228,3 +228,36 @@ def test_validation_reads_the_training_copy_of_the_same_dataset(wikitext_dir):
     with no_network():
         (inputs, _), = take(build_validation_dataloader(1, 0, build_tokenizer(job), job), 1)
     assert "".join(articles["validation"][0]).startswith(bytes(inputs["input"][0, 1:].tolist()).decode())
+
+
+@pytest.mark.parametrize("name, repo, config, split_role, split", [
+    ("wikitext103", "Salesforce/wikitext", "wikitext-103-raw-v1", "train", "train"),
+    ("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", "validation", "validation"),
+    ("slimpajama", "cerebras/SlimPajama-627B", None, "train", "train"),
+    ("slimpajama6b", "DKYoon/SlimPajama-6B", None, "validation", "validation"),
+])
+def test_hub_streams_the_right_repo_config_and_split(tmp_path, monkeypatch, name, repo, config,
+                                                     split_role, split):
+    """Without a path, the hub is asked for a stream of the named repo/config/split (the
+    hub is replaced by a local stream here; the reachability probe is told it is online)."""
+    import datasets
+
+    from titan_bayes.data import hub
+
+    root, _ = slimpajama_dir(tmp_path, "slimpajama6b")
+    local = datasets.load_dataset("parquet", data_files=sorted(
+        str(p) for p in (tmp_path / "slimpajama6b" / "data").glob("*.parquet")), split="train",
+        streaming=True)
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        return local
+
+    monkeypatch.setattr(hub, "hub_offline_reason", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    job = make_job_config(name, seq_len=16, batch=1, tokenizer="bytes")
+    build = build_dataloader if split_role == "train" else build_validation_dataloader
+    (inputs, _), = take(build(1, 0, build_tokenizer(job), job), 1)
+    assert calls == [(repo, config, {"split": split, "streaming": True})]
+    assert inputs["input"].shape == (1, 16)
