@@ -261,3 +261,26 @@ def test_hub_streams_the_right_repo_config_and_split(tmp_path, monkeypatch, name
     (inputs, _), = take(build(1, 0, build_tokenizer(job), job), 1)
     assert calls == [(repo, config, {"split": split, "streaming": True})]
     assert inputs["input"].shape == (1, 16)
+
+
+def test_hf_tokenizers_of_one_size_but_different_vocabularies_are_told_apart(tmp_path, wikitext_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    jobs = []
+    for name, words in (("one", ["memory", "gain"]), ("two", ["prior", "state"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        tok = Tokenizer(models.WordLevel({"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}},
+                                         unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.save(str(folder / "tokenizer.json"))
+        job = make_job_config("wikitext103", seq_len=16, batch=1, dataset_path=wikitext_dir[0],
+                              tokenizer="hf")
+        job.model.hf_assets_path = str(folder)
+        jobs.append(job)
+    loader = build_dataloader(1, 0, build_tokenizer(jobs[0]), jobs[0])
+    take(loader, 1)
+    resumed = build_dataloader(1, 0, build_tokenizer(jobs[1]), jobs[1])
+    resumed.load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="the checkpoint was written with tokenizer"):
+        take(resumed, 1)

@@ -13,6 +13,7 @@ of the next document is -100: nothing in the current document predicts it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -126,9 +127,18 @@ class StreamSource:
 
 
 def describe_tokenizer(tokenizer) -> str:
-    """A short identity of a tokenizer: its class, encoding name if any, and vocabulary size."""
+    """A short identity of a tokenizer: class, encoding name or vocabulary hash, and size.
+
+    HF tokenizers get a hash of their vocabulary: two of them (say Llama-2's and Mistral's)
+    can share a size while mapping ids to different strings.
+    """
+    kind = type(tokenizer).__name__
     encoding = getattr(getattr(tokenizer, "encoding", None), "name", None)
-    kind = type(tokenizer).__name__ + (f"({encoding})" if encoding else "")
+    if encoding:
+        kind += f"({encoding})"
+    elif hasattr(tokenizer, "get_vocab"):
+        items = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+        kind += f"(vocab sha1 {hashlib.sha1(repr(items).encode()).hexdigest()[:12]})"
     return f"{kind}, vocab {tokenizer.get_vocab_size()}"
 
 
