@@ -284,3 +284,12 @@ def test_hf_tokenizers_of_one_size_but_different_vocabularies_are_told_apart(tmp
     resumed.load_state_dict(loader.state_dict())
     with pytest.raises(ValueError, match="the checkpoint was written with tokenizer"):
         take(resumed, 1)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_WIKITEXT2), reason="../shared/data/wikitext-2 absent")
+@pytest.mark.parametrize("world", [1, 2])
+def test_exact_resume_on_real_wikitext2_with_cl100k(world):
+    # The shared copy has no train split: train on its test split.
+    job = make_job_config("wikitext2", seq_len=512, batch=4, dataset_path=SHARED_WIKITEXT2,
+                          tokenizer="tiktoken", train_split="test")
+    resume_matches(job, world)
