@@ -128,8 +128,9 @@ def test_layout_expansion_and_errors():
 
 def _mlp_width(dim):
     # SwiGLU at ratio 4: 2/3 · 4 · dim rounded up to a multiple of 256. Written out for the two
-    # hidden sizes: 1024 → 2730.67 → 2816 (the published GDN-340M width), 2048 → 5461 → 5632.
-    return {1024: 2816, 2048: 5632}[dim]
+    # hidden sizes: 768 → 2048, 1024 → 2730.67 → 2816 (the published GDN-340M width),
+    # 2048 → 5461.3 → 5632.
+    return {768: 2048, 1024: 2816, 2048: 5632}[dim]
 
 
 def _closed_form(dim, L, H, K, V, vocab, letters, attn_heads=16):
@@ -153,8 +154,9 @@ CASES = [
     ("gdn_lm", "340M", 1024, 21, 6, 256, 512),
     ("bayes_lm", "340M_k128", 1024, 21, 12, 128, 256),
     ("bayes_hybrid", "340M", 1024, 21, 6, 256, 512),
-    ("bayes_lm", "1.3B", 2048, 21, 12, 256, 512),
-    ("bayes_lm", "1.3B_k128", 2048, 21, 24, 128, 256),
+    ("bayes_lm", "1.3B", 2048, 21, 6, 256, 512),
+    ("bayes_lm", "1.3B_k128", 2048, 21, 12, 128, 256),
+    ("gdn_lm", "125M", 768, 12, 6, 128, 256),
 ]
 
 
@@ -165,7 +167,7 @@ def test_parameter_counts(spec, flavor, dim, L, H, K, V):
         model = BayesLM(args)
     n = sum(p.numel() for p in model.parameters())
     letters = {"bayes_lm": "B" * L, "gdn_lm": "D" * L, "bayes_hybrid": ("BBBA" * 6)[:L]}[spec]
-    assert n == _closed_form(dim, L, H, K, V, 32000, letters)
+    assert n == _closed_form(dim, L, H, K, V, 32000, letters, attn_heads=16)
 
 
 def test_gdn_340m_matches_fla_and_transformer_matches_llama_anchor():

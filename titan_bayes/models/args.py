@@ -239,10 +239,14 @@ _FILTER_FLAVORS = {
     # Two layers, for the synthetic MQAR recall task.
     "mqar": dict(dim=128, n_layers=2, n_heads=2, head_k_dim=64, head_v_dim=64,
                  attn_n_heads=4, vocab_size=8192, multiple_of=64),
+    # GPT-2-small size class (hidden 768, 12 layers) with GDN's width ratios (H·K = dim,
+    # H·V = 2·dim), K = 128: the WikiText-103 single-GPU configs of issue 5.
+    "125M": dict(dim=768, n_layers=12, n_heads=6, head_k_dim=128, head_v_dim=256),
     "340M": dict(dim=1024, n_layers=21, n_heads=6, head_k_dim=256, head_v_dim=512),
     "340M_k128": dict(dim=1024, n_layers=21, n_heads=12, head_k_dim=128, head_v_dim=256),
-    "1.3B": dict(dim=2048, n_layers=21, n_heads=12, head_k_dim=256, head_v_dim=512),
-    "1.3B_k128": dict(dim=2048, n_layers=21, n_heads=24, head_k_dim=128, head_v_dim=256),
+    # Same heads as 340M at twice the width (H·K = 0.75·dim, H·V = 1.5·dim): 1.39B at vocab 32000.
+    "1.3B": dict(dim=2048, n_layers=21, n_heads=6, head_k_dim=256, head_v_dim=512),
+    "1.3B_k128": dict(dim=2048, n_layers=21, n_heads=12, head_k_dim=128, head_v_dim=256),
 }
 
 # The attention baseline at the same size class: the llama 340M shape of the platform anchor
@@ -250,6 +254,7 @@ _FILTER_FLAVORS = {
 _ATTN_FLAVORS = {
     "debugmodel": dict(dim=128, n_layers=4, attn_n_heads=4, vocab_size=320, multiple_of=64),
     "mqar": dict(dim=128, n_layers=2, attn_n_heads=4, vocab_size=8192, multiple_of=64),
+    "125M": dict(dim=768, n_layers=12, attn_n_heads=12),
     "340M": dict(dim=1024, n_layers=24, attn_n_heads=16),
     "340M_k128": dict(dim=1024, n_layers=24, attn_n_heads=16),
     "1.3B": dict(dim=2048, n_layers=24, attn_n_heads=32),
