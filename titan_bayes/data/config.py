@@ -10,6 +10,7 @@ TOKENIZER_KINDS = ("bytes", "tiktoken", "hf", "mqar")
 TIKTOKEN_ENCODINGS = ("gpt2", "cl100k_base", "o200k_base")
 TEXT_SPLITS = ("file", "line", "blank_line", "wikitext")
 STREAMING_CHOICES = ("auto", "true", "false")
+SPLITS = ("train", "validation", "test")
 
 
 class DataConfigError(ValueError):
@@ -47,8 +48,9 @@ class BayesData:
     # Which split each role reads from the hub datasets (wikitext*, slimpajama*).
     train_split: str = "train"
     validation_split: str = "validation"
-    # Hub datasets: "auto" streams from the hub and reads local copies map-style, except
-    # SlimPajama-627B, which always streams; "true" / "false" force one way.
+    # Hub datasets: "auto" streams from the hub, reads a local WikiText copy into memory
+    # (map-style) and streams a local SlimPajama copy; "true" / "false" force one way
+    # ("false" for SlimPajama converts the files into a datasets cache first).
     streaming: str = "auto"
     # SlimPajama: keep only these meta.redpajama_set_name values (empty: keep all), e.g.
     # ["RedPajamaArXiv", "RedPajamaWikipedia"].
@@ -66,6 +68,8 @@ class BayesData:
         _check_choice("tiktoken_encoding", self.tiktoken_encoding, TIKTOKEN_ENCODINGS)
         _check_choice("text_split", self.text_split, TEXT_SPLITS)
         _check_choice("streaming", str(self.streaming).lower(), STREAMING_CHOICES)
+        _check_choice("train_split", self.train_split, SPLITS)
+        _check_choice("validation_split", self.validation_split, SPLITS)
         for name in ("mqar_vocab_size", "mqar_num_kv_pairs", "mqar_train_examples",
                      "mqar_validation_examples"):
             if getattr(self, name) <= 0:
