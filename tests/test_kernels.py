@@ -107,6 +107,46 @@ def case_bayes_bf16_inputs():
                     grads=False), BF16_TOL
 
 
+def case_bayes_odd_head_sizes():
+    return _compare("bayes", make_inputs(B=1, T=40, H=1, K=20, V=24, seed=12)), FP32_TOL
+
+
+def _prefill_then_steps(mode, K, V):
+    """Chunked prefill (kernels) of 21 tokens, then 4 decoding steps (step kernel) from its final
+    state, against the float64 filter over all 25 tokens."""
+    from titan_bayes.kernels.recurrent import bayes_filter_step
+
+    T, steps = 25, 4
+    inputs = make_inputs(B=2, T=T, H=2, K=K, V=V, seed=13)
+    noise = 0.1 * torch.rand(2, T, 2, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    given = dict(process_noise=noise) if mode == "bayes" else {}
+    o64, (S64, P64), var64 = bayes_filter(*inputs, mode=mode, backend="sequential", output_final_state=True,
+                                          output_variance=True, **given)
+    xs = [x.float() for x in inputs]
+    pre = {k: v[:, :T - steps].float() for k, v in given.items()}
+    _, (M, P) = bayes_filter(*[x[:, :T - steps] for x in xs], mode=mode, backend="triton", chunk_size=16,
+                             output_final_state=True, **pre)
+    errors = {}
+    for t in range(T - steps, T):
+        step_noise = dict(process_noise=noise[:, t].float()) if mode == "bayes" else {}
+        o, var = bayes_filter_step(*[x[:, t] for x in xs], (M, P), mode=mode, output_variance=True, **step_noise)
+        errors[f"o{t}"] = rel(o, o64[:, t])
+        if mode == "bayes":
+            errors[f"var{t}"] = rel(var, var64[:, t])
+    errors["M"] = rel(M, S64)
+    if mode == "bayes":
+        errors["P"] = rel(P, P64)
+    return errors
+
+
+def case_step_bayes_continues_prefill():
+    return _prefill_then_steps("bayes", K=16, V=32), FP32_TOL
+
+
+def case_step_reset_continues_prefill_odd_sizes():
+    return _prefill_then_steps("reset", K=20, V=24), FP32_TOL
+
+
 CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 
 
