@@ -143,3 +143,25 @@ def test_auto_backend_picks_the_kernel_and_compiles_as_one_op():
     o_ref, *_ = run("triton", inputs, "bayes")
     assert torch.equal(eager, o_ref)
     assert rel_rms(compiled(*inputs), eager) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["bayes", "reset"])
+@pytest.mark.parametrize("K,V,H", [(128, 128, 8), (256, 512, 6)])
+def test_step_kernel_matches_one_token_filter_at_batch_64(mode, K, V, H):
+    from titan_bayes.kernels.recurrent import bayes_filter_step
+    from titan_bayes.ops import filter_math as fm
+
+    B = 64
+    q, k, v, g, beta = [x[:, 0] for x in gdn_inputs(B, 1, H, K, V, seed=8)]
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    M = torch.randn(B, H, K, V, generator=gen, device="cuda")
+    A = torch.randn(B, H, K, K, generator=gen, device="cuda") / K ** 0.5
+    P = (A @ A.transpose(-1, -2) + 0.5 * torch.eye(K, device="cuda")) if mode == "bayes" else None
+    noise = fm.stationary_process_noise(g.float()) if mode == "bayes" else torch.zeros_like(g.float())
+    M_ref, P_ref, o_ref, var_ref = fm.filter_step(mode, M.clone(), None if P is None else P.clone(), q.float(),
+                                                  k.float(), v.float(), g.float().exp(), beta.float(), noise,
+                                                  K ** -0.5)
+    o, var = bayes_filter_step(q, k, v, g, beta, (M, P), mode=mode, output_variance=True)
+    assert rel_rms(o, o_ref) <= OUT_TOL and rel_rms(M, M_ref) <= OUT_TOL
+    if mode == "bayes":
+        assert rel_rms(P, P_ref) <= OUT_TOL and rel_rms(var, var_ref) <= OUT_TOL

@@ -132,13 +132,45 @@ def measure(forward, params, backward=True):
     return row
 
 
+PEAK_GBPS = {"H100": 3350, "H200": 4800}   # HBM3 / HBM3e bandwidth of the SXM parts, GB/s
+
+
+def bench_decode(lines):
+    """The one-token step at batch 64: time per step and the bandwidth of reading and writing
+    (M, P) once (fp32), against the GPU's peak."""
+    from titan_bayes.kernels.recurrent import bayes_filter_step
+
+    name = torch.cuda.get_device_name()
+    peak = next((bw for key, bw in PEAK_GBPS.items() if key in name), None)
+    lines += ["", "| decode step (B=64) | mode | us / step | GB/s (M, P read + written) | % of peak |",
+              "|---|---|---|---|---|"]
+    for H, K, V in [(8, 128, 128), (6, 256, 512)]:
+        B = 64
+        q = F.normalize(torch.randn(B, H, K, device="cuda"), dim=-1).bfloat16()
+        k = F.normalize(torch.randn(B, H, K, device="cuda"), dim=-1).bfloat16()
+        v = torch.randn(B, H, V, device="cuda").bfloat16()
+        g = -F.softplus(torch.randn(B, H, device="cuda") - 1.0)
+        beta = (0.1 + 0.8 * torch.rand(B, H, device="cuda")).bfloat16()
+        for mode in ("bayes", "reset"):
+            M = torch.zeros(B, H, K, V, device="cuda")
+            P = torch.eye(K, device="cuda").expand(B, H, K, K).contiguous() if mode == "bayes" else None
+            ms = timed(lambda: bayes_filter_step(q, k, v, g, beta, (M, P), mode=mode), reps=50)
+            state_bytes = M.numel() * 4 + (P.numel() * 4 if P is not None else 0)
+            gbps = 2 * state_bytes / ms / 1e6
+            pct = f"{100 * gbps / peak:.0f}%" if peak else "—"
+            line = f"| H={H}, K={K}, V={V} | {mode} | {1000 * ms:.1f} | {gbps:.0f} | {pct} |"
+            lines.append(line)
+            print(line, flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="all", choices=["all", "small"])
     parser.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch chunked path")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--decode-only", action="store_true", help="only the one-token step")
     args = parser.parse_args()
-    shapes = SHAPES if args.shapes == "all" else SHAPES[1:3]
+    shapes = [] if args.decode_only else SHAPES if args.shapes == "all" else SHAPES[1:3]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     lines = ["| shape (B,T,H,K,V) | impl | fwd ms | fwd+bwd ms | fwd / fla | fwd+bwd / fla | fwd TFLOP/s | "
              "peak MiB | saved MiB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -172,6 +204,7 @@ def main():
                   f"{rows['pytorch chunked bayes']['fwd'] / rows['bayes']['fwd']:.1f}x", flush=True)
         del xs
         torch.cuda.empty_cache()
+    bench_decode(lines)
     table = "\n".join(lines)
     print(table)
     if args.out:
