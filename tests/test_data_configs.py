@@ -56,7 +56,8 @@ def local_copies(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_data_section_loads_from_local_copies(path, local_copies):
     job = parse(path)
-    get_train_spec(job.model.name)  # raises if the spec is not registered
+    spec = get_train_spec(job.model.name)  # raises if the spec is not registered
+    assert job.model.flavor in set(spec.model_args)
     assert job.checkpoint.last_save_model_only is False, "pretraining configs must be resumable"
     assert job.training.dataset == job.validation.dataset
     job.training.dataset_path = job.validation.dataset_path = local_copies[job.training.dataset]
