@@ -16,7 +16,8 @@ chunk's closed-loop transition Φ_i = F_C ⋯ F_1, F_t = a_t (I − u_t k_tᵀ /
         dP_i = Φ_iᵀ dP_{i+1} Φ_i + ∂(O_i, var_i, S_{i+1})/∂P_i · (dO_i, dvar_i, dS_{i+1}).
 Φ_i is the chunk's end mean when it starts from S_i = I with zero values. Three VJPs of the
 batched recomputation (local terms for S; local terms for P once dS is known; everything once
-dP is known) and the two sweeps give the exact gradients. Saved memory: the boundary states.
+dP is known) and the two sweeps give the exact gradients. The boundary states come from
+a rerun of the forward kernels (ops.py), so the forward saves only its inputs.
 """
 
 from __future__ import annotations

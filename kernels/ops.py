@@ -1,12 +1,13 @@
 """The chunked filter as torch custom ops, so torch.compile(fullgraph=True), FSDP2 and DTensor
 paths see one forward op and one backward op instead of Triton launches and Python loops.
 
-    titan_bayes::chunk_fwd  → (o, variance, S_final, P_final, h_slots, p_slots)
+    titan_bayes::chunk_fwd  → (o, variance, S_final, P_final)
     titan_bayes::chunk_bwd  → (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0)
 
 Empty tensors stand for absent outputs (variance without output_variance, P outside bayes):
-a custom op's outputs are always tensors. h_slots / p_slots are the chunk-boundary states
-saved for the backward (not differentiable).
+a custom op's outputs are always tensors. The backward saves only the op's inputs (as Gated
+DeltaNet's kernels do) and reruns the forward kernels for the chunk-boundary states: about
+one forward pass of extra time for a saved memory of the inputs alone.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ def _final_index(plan):
 def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               noise: torch.Tensor, S0: torch.Tensor, P0: Optional[torch.Tensor],
               cu_seqlens: Optional[torch.Tensor], mode: str, scale: float, output_variance: bool,
-              chunk_size: int, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                      torch.Tensor, torch.Tensor, torch.Tensor]:
+              chunk_size: int, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T = q.shape[:2]
     plan = Plan(B, T, cu_seqlens, chunk_size, q.device)
     assert plan.n_slots == n_slots, "n_slots must match the chunk plan"
@@ -46,8 +46,7 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         return q.new_empty(0, dtype=torch.float32)
 
     P_final = p_slots[last].contiguous() if p_slots is not None else empty()
-    return (o, variance if variance is not None else empty(), S_final, P_final, h_slots,
-            p_slots if p_slots is not None else empty())
+    return o, variance if variance is not None else empty(), S_final, P_final
 
 
 @chunk_fwd.register_fake
@@ -60,20 +59,20 @@ def _chunk_fwd_fake(q, k, v, g, beta, noise, S0, P0, cu_seqlens, mode, scale, ou
     bayes = mode == "bayes"
     variance = q.new_empty(B, T, H, dtype=v.dtype) if output_variance else q.new_empty(0, **f32)
     return (torch.empty_like(v), variance, q.new_empty(N, H, K, V, **f32),
-            q.new_empty(N, H, K, K, **f32) if bayes else q.new_empty(0, **f32),
-            q.new_empty(n_slots, H, K, V, **f32),
-            q.new_empty(n_slots, H, K, K, **f32) if bayes else q.new_empty(0, **f32))
+            q.new_empty(N, H, K, K, **f32) if bayes else q.new_empty(0, **f32))
 
 
 @torch.library.custom_op("titan_bayes::chunk_bwd", mutates_args=())
 def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-              noise: torch.Tensor, h_slots: torch.Tensor, p_slots: torch.Tensor,
+              noise: torch.Tensor, S0: torch.Tensor, P0: Optional[torch.Tensor],
               cu_seqlens: Optional[torch.Tensor], d_out: torch.Tensor, d_var: torch.Tensor,
               dS: torch.Tensor, dP: torch.Tensor, mode: str, scale: float, output_variance: bool,
               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T = q.shape[:2]
     plan = Plan(B, T, cu_seqlens, chunk_size, q.device)
+    _, _, h_slots, p_slots = chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, False,
+                                           chunk_size)
     grads = (d_out, d_var if d_var.numel() else None, dS, dP if dP.numel() else None)
     with torch._C._ForceDispatchKeyGuard(*_EAGER_KEYS), torch.enable_grad():
         out = chunk_backward(mode, (q, k, v, g, beta, noise), h_slots, p_slots, cu_seqlens, plan, grads,
@@ -83,7 +82,7 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 
 
 @chunk_bwd.register_fake
-def _chunk_bwd_fake(q, k, v, g, beta, noise, h_slots, p_slots, cu_seqlens, d_out, d_var, dS, dP, mode,
+def _chunk_bwd_fake(q, k, v, g, beta, noise, S0, P0, cu_seqlens, d_out, d_var, dS, dP, mode,
                     scale, output_variance, chunk_size):
     N, H, K, V = dS.shape
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -94,32 +93,26 @@ def _chunk_bwd_fake(q, k, v, g, beta, noise, h_slots, p_slots, cu_seqlens, d_out
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, noise, S0, P0, cu_seqlens, mode, scale, output_variance, chunk_size, n_slots = inputs
-    o, variance, S_final, P_final, h_slots, p_slots = output
-    ctx.save_for_backward(q, k, v, g, beta, noise, h_slots, p_slots, cu_seqlens)
+    ctx.save_for_backward(q, k, v, g, beta, noise, S0, P0, cu_seqlens)
     ctx.args = (mode, scale, output_variance, chunk_size)
-    ctx.mark_non_differentiable(h_slots, p_slots)
 
 
-def _backward(ctx, d_out, d_var, dS, dP, _dh, _dp):
-    q, k, v, g, beta, noise, h_slots, p_slots, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, d_out, d_var, dS, dP):
+    q, k, v, g, beta, noise, S0, P0, cu_seqlens = ctx.saved_tensors
     mode, scale, output_variance, chunk_size = ctx.args
-    N, H, K, V = h_slots.shape[0], q.shape[2], q.shape[3], v.shape[3]
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
     f32 = dict(dtype=torch.float32, device=q.device)
     d_out = torch.zeros_like(v) if d_out is None else d_out
     d_var = q.new_empty(0, **f32) if d_var is None or not output_variance else d_var
     if dS is None:
-        dS = torch.zeros(_n_docs(q, cu_seqlens), H, K, V, **f32)
+        dS = torch.zeros(S0.shape[0], H, K, V, **f32)
     if dP is None or mode != "bayes":
         dP = q.new_empty(0, **f32)
     dq, dk, dv, dg, dbeta, dnoise, dS0, dP0 = chunk_bwd(
-        q, k, v, g, beta, noise, h_slots, p_slots, cu_seqlens, d_out, d_var, dS, dP, mode, scale,
+        q, k, v, g, beta, noise, S0, P0, cu_seqlens, d_out, d_var, dS, dP, mode, scale,
         output_variance, chunk_size)
     return (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0 if mode == "bayes" else None, None, None, None,
             None, None, None)
-
-
-def _n_docs(q, cu_seqlens):
-    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
