@@ -293,3 +293,11 @@ def test_exact_resume_on_real_wikitext2_with_cl100k(world):
     job = make_job_config("wikitext2", seq_len=512, batch=4, dataset_path=SHARED_WIKITEXT2,
                           tokenizer="tiktoken", train_split="test")
     resume_matches(job, world)
+
+
+def test_a_filter_that_leaves_nothing_stops_instead_of_spinning(tmp_path):
+    root, _ = slimpajama_dir(tmp_path, "slimpajama")
+    job = make_job_config("slimpajama", seq_len=16, batch=1, dataset_path=root, tokenizer="bytes",
+                          redpajama_sets=["NoSuchSet"])
+    with pytest.raises(ValueError, match="no documents for this DP rank"):
+        take(build_dataloader(1, 0, build_tokenizer(job), job), 1)

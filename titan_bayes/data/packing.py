@@ -188,16 +188,26 @@ class PackedTextDataset(IterableDataset, Stateful):
             self._cursor = 0
 
     def __iter__(self):
+        whole_epoch = False  # this pass started at the beginning of an epoch
         while True:
+            documents = 0
             for text in self.source:
+                documents += 1
                 self._append_document(text)
                 while self._has_window():
                     yield self._cut_window()
             if not self.infinite:
                 logger.warning("dataset %s: out of data", self.name)
                 return
+            if whole_epoch and documents == 0:
+                # Looping again would spin forever without yielding anything.
+                raise ValueError(
+                    f"dataset {self.name}: no documents for this DP rank (empty files, or a "
+                    "[bayes_data] redpajama_sets filter that matches nothing in its share)"
+                )
             logger.warning("dataset %s: starting epoch %d", self.name, self.source.epoch + 1)
             self.source.next_epoch()
+            whole_epoch = True
 
     def state_dict(self) -> dict[str, Any]:
         return {"tokens": self._tokens[self._cursor:],
