@@ -360,7 +360,14 @@ class BayesLM(nn.Module):
         if not tokens.is_floating_point():
             # Kept (a reference, one row) for the filter diagnostics of a log step.
             self.last_input = (tokens[:1].detach(), None if doc_starts is None else doc_starts[:1])
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(tokens)
+        else:
+            # A later pipeline stage. torch's PipelineStage infers shapes by running the stage
+            # once on uninitialised memory; NaN or huge values there would trip the filter's
+            # positive-definiteness check. Real hidden states are finite and far below the
+            # clamp, so this changes nothing in training.
+            h = torch.nan_to_num(tokens, nan=0.0, posinf=0.0, neginf=0.0).clamp(-1e4, 1e4)
         for layer in self.layers.values():
             h = layer(h, doc_starts)
         h = self.norm(h) if self.norm is not None else h
