@@ -97,7 +97,8 @@ def run_job(args, nproc=1, env=None, timeout=300, check=True):
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "tests"), REPO,
                                               full_env.get("PYTHONPATH", "")])
-    full_env.setdefault("OMP_NUM_THREADS", "1")
+    if nproc > 1:  # two processes on a small machine: one thread each, no oversubscription
+        full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
     if nproc == 1:
         cmd = [sys.executable, "-m", "titan_bayes.train", *args]
