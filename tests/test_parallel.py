@@ -80,3 +80,68 @@ def test_two_rank_losses_match_one_rank(tmp_path, spec):
         for step in range(1, 6):
             rel = abs(losses[step] - reference[step]) / abs(reference[step])
             assert rel <= 1e-4, (name, step, losses[step], reference[step])
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 mixed precision keeps the per-head filter parameters in fp32
+
+def _fsdp_dtype_worker():
+    """Runs under torchrun (2 ranks, gloo): bf16 FSDP2, record the dtypes seen in forward."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import titan_bayes.cpu_patches  # noqa: F401
+    from titan_bayes.infra.parallelize import apply_fsdp
+    from titan_bayes.models.args import flavors_for
+    from titan_bayes.models.model import BayesLM, HeadParams
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    model = BayesLM(flavors_for("bayes_lm")["debugmodel"])
+    model.init_weights()
+    apply_fsdp(model, mesh, param_dtype=torch.bfloat16, reduce_dtype=torch.float32, pp_enabled=False)
+    seen = {"head": set(), "proj": set()}
+    for m in model.modules():
+        if isinstance(m, HeadParams):
+            m.register_forward_hook(lambda mod, inp, out: seen["head"].update(
+                t.dtype for t in out if t is not None))
+            # the gathered parameters themselves, not only the returned values
+            m.register_forward_hook(lambda mod, inp, out: seen["head"].add(mod.A_log.dtype))
+    model.layers["0"].attn.q_proj.register_forward_hook(
+        lambda mod, inp, out: seen["proj"].add(mod.weight.dtype))
+    tokens = torch.randint(0, 256, (2, 32))
+    logits = model(tokens)
+    logits.float().sum().backward()
+    grads_ok = all(p.grad is not None and bool(torch.isfinite(p.grad.full_tensor()).all())
+                   for p in model.parameters())
+    result = (seen["head"] == {torch.float32} and seen["proj"] == {torch.bfloat16}
+              and logits.dtype == torch.bfloat16 and grads_ok)
+    if dist.get_rank() == 0:
+        print(f"DTYPES head={seen['head']} proj={seen['proj']} logits={logits.dtype} grads_ok={grads_ok}")
+        print("RESULT", "OK" if result else "FAIL")
+    dist.destroy_process_group()
+
+
+def test_fsdp_bf16_keeps_filter_head_params_fp32():
+    import os
+    import subprocess
+    import sys
+
+    from test_train_support import REPO
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+                           os.path.abspath(__file__), "--fsdp-dtype-worker"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "RESULT OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--fsdp-dtype-worker" in sys.argv:
+        _fsdp_dtype_worker()

@@ -357,6 +357,11 @@ class BayesLM(nn.Module):
         filter from the prior there, convolutions do not reach back across it, attention is
         block-causal. (With pipeline parallelism only the first stage receives it.)
         """
+        if doc_starts is not None and not bool(doc_starts[:, 1:].any()):
+            # Every row is one document (e.g. MQAR): the plain batched path is the same
+            # computation without the packing into documents (and keeps attention on its
+            # fused causal kernel). One host sync per forward.
+            doc_starts = None
         if not tokens.is_floating_point():
             # Kept (a reference, one row) for the filter diagnostics of a log step.
             self.last_input = (tokens[:1].detach(), None if doc_starts is None else doc_starts[:1])
