@@ -4,6 +4,9 @@
 kernels of chunk_fwd.py and the reverse-sweep backward of backward.py, wrapped as the custom
 ops of ops.py. Modes "bayes" and "reset" have kernels; "additive" raises (use "chunked").
 On CPU tensors the kernels run only in Triton's interpreter (TRITON_INTERPRET=1, for tests).
+
+Decoding: `titan_bayes.kernels.recurrent.bayes_filter_step` advances the final state of
+bayes_filter, (M, P), by one token in place (fused step kernels, recurrent.py).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernel_supports(mode, q) -> bool:
-    """Whether a Triton kernel exists for this mode and these tensors (backend="auto")."""
-    return (mode in KERNEL_MODES and q.is_cuda and q.dtype in DTYPES and q.shape[-1] <= MAX_K)
+def kernel_supports(mode, q, v=None, chunk_size=64) -> bool:
+    """Whether a Triton kernel exists for this mode, these tensors and this chunk size
+    (backend="auto" takes the kernels exactly when this holds, else the chunked PyTorch path)."""
+    return (mode in KERNEL_MODES and q.is_cuda and q.dtype in DTYPES and q.shape[-1] <= MAX_K
+            and (v is None or v.shape[-1] <= MAX_V) and chunk_size in CHUNK_SIZES)
 
 
 def _check_supported(mode, q, v, chunk_size):

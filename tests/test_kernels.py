@@ -205,5 +205,20 @@ def test_auto_backend_keeps_cpu_tensors_on_the_chunked_path():
     assert not kernel_supports("bayes", q) and not kernel_supports("additive", q)
 
 
+def test_kernel_supports_names_the_kernels_limits():
+    from titan_bayes.kernels import kernel_supports
+
+    class FakeCuda:  # only the attributes kernel_supports reads
+        def __init__(self, last, dtype=torch.bfloat16):
+            self.shape, self.dtype, self.is_cuda = (1, 4, 1, last), dtype, True
+
+    q = FakeCuda(128)
+    assert kernel_supports("bayes", q, v=FakeCuda(512)) and kernel_supports("reset", q)
+    assert not kernel_supports("bayes", q, v=FakeCuda(1024))            # V > 512
+    assert not kernel_supports("bayes", FakeCuda(512))                  # K > 256
+    assert not kernel_supports("bayes", q, chunk_size=128)
+    assert not kernel_supports("bayes", FakeCuda(128, torch.float64))
+
+
 if __name__ == "__main__":
     _run_cases()

@@ -35,7 +35,7 @@ def bayes_filter(q, k, v, g, beta, *, mode="bayes", process_noise=None, prior_sc
     _check_arguments(q, k, v, g, beta, mode, process_noise, prior_scale, initial_state,
                      cu_seqlens, backend, chunk_size, check_inputs)
     if backend == "auto":
-        backend = _auto_backend(q, mode)
+        backend = _auto_backend(q, v, mode, chunk_size)
     if backend == "triton":
         from titan_bayes.kernels import triton_bayes_filter  # raises if unavailable
 
@@ -78,11 +78,11 @@ def bayes_filter(q, k, v, g, beta, *, mode="bayes", process_noise=None, prior_sc
     return o, state
 
 
-def _auto_backend(q, mode):
+def _auto_backend(q, v, mode, chunk_size):
     if q.is_cuda:
         from titan_bayes.kernels import kernel_supports
 
-        if kernel_supports(mode, q):
+        if kernel_supports(mode, q, v=v, chunk_size=chunk_size):
             return "triton"
     return "chunked"
 
