@@ -125,9 +125,9 @@ def chunk_backward(mode, inputs, h_slots, p_slots, cu_seqlens, plan, grads, scal
     for x, gr in zip(inputs, got[:6]):
         gr = rows.merge(gr)
         gr = layout.unpack(gr[..., None])[..., 0] if gr.dim() == 3 else layout.unpack(gr)
-        result.append(gr.to(x.dtype))
-    dS0 = per_doc(got[6])[:, 0]
-    dP0 = per_doc(got[7])[:, 0] if bayes else None
+        result.append(gr.to(x.dtype).contiguous())       # the layout the fake kernel promises
+    dS0 = per_doc(got[6])[:, 0].contiguous()
+    dP0 = per_doc(got[7])[:, 0].contiguous() if bayes else None
     return (*result, dS0, dP0)
 
 

@@ -147,6 +147,47 @@ def case_step_reset_continues_prefill_odd_sizes():
     return _prefill_then_steps("reset", K=20, V=24), FP32_TOL
 
 
+def case_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schema, autograd registration, fake kernels (what torch.compile
+    traces with) and AOT dispatch of the chunk op in both modes and of the decoding step."""
+    import titan_bayes.kernels.ops  # noqa: F401  (registers torch.ops.titan_bayes.*)
+    from titan_bayes.kernels.recurrent import filter_step_op
+
+    q, k, v, g, beta = make_inputs(B=2, T=20, H=2, K=16, V=16, dtype=torch.float32, requires_grad=True)
+    noise = (-torch.expm1(2 * g)).detach().requires_grad_()
+    S0 = torch.zeros(2, 2, 16, 16, requires_grad=True)
+    P0 = random_covariance(2, 2, 16, dtype=torch.float32).requires_grad_()
+    failures = {}
+    for mode, P in (("bayes", P0), ("reset", None)):
+        args = (q, k, v, g, beta, noise, S0, P, None, mode, 0.25, mode == "bayes", 16, 2 * 3)
+        report = torch.library.opcheck(torch.ops.titan_bayes.chunk_fwd.default, args)
+        failures.update({f"{mode}:{name}": float(r != "SUCCESS") for name, r in report.items()})
+    M = torch.zeros(2, 2, 16, 16)
+    P = torch.eye(16).expand(2, 2, 16, 16).contiguous()
+    step_args = [x[:, 0].detach() for x in (q, k, v, g, beta, noise)] + [M, P, 0.25, True]
+    report = torch.library.opcheck(filter_step_op, tuple(step_args))
+    failures.update({f"step:{name}": float(r != "SUCCESS") for name, r in report.items()})
+    return failures, 0.0
+
+
+def case_compiled_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True) of a block calling the filter: forward and backward are the
+    custom ops, and the gradients match the eager ones."""
+    xs = make_inputs(B=2, T=40, H=2, K=16, V=16, dtype=torch.float32, requires_grad=True)
+
+    def block(q, k, v, g, beta):
+        o, (S, P) = bayes_filter(q, k, v, g, beta, backend="triton", chunk_size=16, check_inputs=False,
+                                 output_final_state=True)
+        return (o * o).sum() + S.square().sum() + P.sum()
+
+    torch.compile(block, fullgraph=True)(*xs).backward()
+    compiled = [x.grad.clone() for x in xs]
+    for x in xs:
+        x.grad = None
+    block(*xs).backward()
+    return {f"d{name}": rel(a, x.grad) for name, a, x in zip("qkvgb", compiled, xs)}, FP32_TOL
+
+
 CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 
 
