@@ -326,6 +326,16 @@ def _block_v(K, V):
     return max(16, min(triton.next_power_of_2(V), 32 if K > 128 else 64))
 
 
+def _check_pivots(w):
+    """The pivots s_t = 1 / w_t of every chunk's LDLᵀ must be positive and finite; else S lost
+    positive definiteness (as the chunked path reports when its Cholesky fails)."""
+    if not bool((torch.isfinite(w) & (w > 0)).all()):
+        raise ValueError(
+            "bayes_filter: the innovation covariance of a chunk is not positive definite. "
+            "This happens when beta is too close to 1 for repeated keys, or when the prior or "
+            "initial P is not positive definite; keep beta <= 0.999 or raise prior_scale.")
+
+
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
     """Run the forward kernels. Inputs [B, T, H, ...] contiguous (noise fp32, bayes only);
     S0 [N, H, K, V] fp32, P0 [N, H, K, K] fp32 (bayes) or None.
@@ -355,6 +365,7 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
         _bayes_cov_kernel[(plan.n_docs * H,)](
             k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv, w, vpri, H,
             K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, num_warps=COV_WARPS, num_stages=1)
+        _check_pivots(w)
     else:
         _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
                                                   K=K, BK=BK, C=C, num_warps=4)

@@ -170,6 +170,21 @@ def case_custom_ops_pass_opcheck():
     return failures, 0.0
 
 
+def case_indefinite_initial_covariance_raises():
+    """Unchecked inputs (check_inputs=False) with P0 = −I: the kernels' pivots turn negative and
+    the op raises, as the chunked path does, instead of returning garbage."""
+    inputs = make_inputs(B=1, T=20, H=1, K=16, V=16, dtype=torch.float32)
+    P0 = -torch.eye(16).expand(1, 1, 16, 16)
+    raised = {}
+    for backend in ("triton", "chunked"):
+        try:
+            bayes_filter(*inputs, backend=backend, chunk_size=16, initial_state=(None, P0), check_inputs=False)
+            raised[backend] = 1.0
+        except ValueError as exc:
+            raised[backend] = 0.0 if "not positive definite" in str(exc) else 1.0
+    return raised, 0.0
+
+
 def case_compiled_fullgraph_matches_eager():
     """torch.compile(fullgraph=True) of a block calling the filter: forward and backward are the
     custom ops, and the gradients match the eager ones."""
