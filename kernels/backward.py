@@ -71,64 +71,95 @@ def _reverse_sweep(transition, local, final, two_sided):
     return incoming
 
 
+# Documents are independent, so the backward runs over groups of documents whose recomputed
+# graphs fit this many bytes (an estimate, see _bytes_per_document): a bound on the transient
+# memory of the backward, traded against more, smaller launches.
+GROUP_BYTES = 8 * 2**30
+
+
+def _bytes_per_document(n, H, K, V, C):
+    """Rough size of one document's saved graph in the batched recomputation (fp32): about a
+    dozen [C, K]/[C, V] tensors, a few [K, V] and [K, K] states and [C, C] chunk matrices per
+    chunk and head (measured peak on an H100 is about half of this)."""
+    return 4 * n * H * (12 * C * (2 * K + V) + 8 * K * V + 16 * K * K + 20 * C * C)
+
+
 def chunk_backward(mode, inputs, h_slots, p_slots, cu_seqlens, plan, grads, scale, output_variance, chunk_size):
     """inputs: (q, k, v, g, beta, noise) as given to the forward, [B, T, H, ...];
     grads: (dO, dvar or None, dS_final or None, dP_final or None).
     Returns (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0) in the inputs' layouts (dP0 None for reset)."""
-    T = inputs[0].shape[1]
-    C, n = chunk_size, plan.max_chunks
+    B, T, H, K = inputs[0].shape
+    V = inputs[2].shape[-1]
+    C, n, N = chunk_size, plan.max_chunks, plan.n_docs
     bayes = mode == "bayes"
     layout = _Layout(cu_seqlens, T, C)
-    rows = _Rows(plan.n_docs, n, C)
-    packed = [rows.split(x) for x in layout.pack(*[x.float() for x in inputs])]
+    packed = layout.pack(*[x.float() for x in inputs])                     # [N, H, n·C, ...]
     d_out, d_var, dS_final, dP_final = grads
-    d_out = rows.split(layout._pack_one(d_out.float(), 0.0))
+    d_out = layout._pack_one(d_out.float(), 0.0)
     with_var = bayes and output_variance and d_var is not None
-    if with_var:
-        d_var = rows.split(layout._pack_one(d_var.float()[..., None], 0.0)[..., 0])
+    d_var = layout._pack_one(d_var.float()[..., None], 0.0)[..., 0] if with_var else None
+    S_bounds = _boundary_states(h_slots, plan)                               # [N, n + 1, H, K, V]
+    P_bounds = _boundary_states(p_slots, plan) if bayes else None
+    dS_final = S_bounds.new_zeros(N, H, K, V) if dS_final is None else dS_final.float()
+    if bayes:
+        dP_final = P_bounds.new_zeros(N, H, K, K) if dP_final is None else dP_final.float()
+    group = max(1, min(N, GROUP_BYTES // _bytes_per_document(n, H, K, V, C)))
+    pieces = []
+    for lo in range(0, N, group):
+        docs = slice(lo, min(N, lo + group))
+        pieces.append(_documents_backward(
+            mode, [x[docs] for x in packed], d_out[docs], d_var[docs] if with_var else None,
+            S_bounds[docs, :n], P_bounds[docs, :n] if bayes else None, dS_final[docs],
+            dP_final[docs] if bayes else None, scale, C))
+    grads_in = [torch.cat([p[j] for p in pieces]) for j in range(8 if bayes else 7)]
+    result = []
+    for x, gr in zip(inputs, grads_in[:6]):
+        gr = layout.unpack(gr[..., None])[..., 0] if gr.dim() == 3 else layout.unpack(gr)
+        result.append(gr.to(x.dtype).contiguous())       # the layout the fake kernel promises
+    return (*result, grads_in[6].contiguous(), grads_in[7].contiguous() if bayes else None)
 
-    def starts(slots):  # [N·n, H, K, ·]: every chunk's start state
-        b = _boundary_states(slots, plan)[:, :n]
-        return b.reshape(plan.n_docs * n, *b.shape[2:]).detach().requires_grad_()
 
-    S_i = starts(h_slots)
-    P_i = starts(p_slots) if bayes else None
+def _documents_backward(mode, packed, d_out, d_var, S_starts, P_starts, dS_final, dP_final, scale, C):
+    """The backward of a group of documents, packed [N, H, n·C, ...] with chunk start states
+    [N, n, H, ...]. Returns the packed input gradients, dS0 and (bayes) dP0."""
+    N, n = S_starts.shape[:2]
+    bayes = mode == "bayes"
+    rows = _Rows(N, n, C)
+    packed = [rows.split(x) for x in packed]
+    d_out = rows.split(d_out)
+    d_var = rows.split(d_var) if d_var is not None else None
+    S_i = S_starts.reshape(N * n, *S_starts.shape[2:]).detach().requires_grad_()
+    P_i = P_starts.reshape(N * n, *P_starts.shape[2:]).detach().requires_grad_() if bayes else None
     leaves = [x.detach().requires_grad_() for x in packed]
     with torch.enable_grad():
-        o, S_end, P_end, var, _ = chunked_filter(mode, *leaves, S_i, P_i, scale, with_var, C)
+        o, S_end, P_end, var, _ = chunked_filter(mode, *leaves, S_i, P_i, scale, d_var is not None, C)
     transition = _transition(mode, packed, P_i, scale, C)
 
     def per_doc(x):  # [N·n, H, ...] → [N, n, H, ...]
-        return x.reshape(plan.n_docs, n, *x.shape[1:])
+        return x.reshape(N, n, *x.shape[1:])
 
     local_out, local_adj = [o], [d_out]
-    if with_var:
+    if d_var is not None:
         local_out.append(var)
         local_adj.append(d_var)
     # 1. The mean adjoints: local terms, then the sweep over chunks.
     (local_S,) = torch.autograd.grad(local_out, [S_i], local_adj, retain_graph=True, allow_unused=True)
     local_S = torch.zeros_like(S_i) if local_S is None else local_S
-    dS_final = torch.zeros_like(S_i[:plan.n_docs]) if dS_final is None else dS_final.float()
     dS_next = _reverse_sweep(per_doc(transition), per_doc(local_S), dS_final, two_sided=False)
     outs, adjs = local_out + [S_end], local_adj + [dS_next.flatten(0, 1)]
     if bayes:
         # 2. The covariance adjoints: local terms (now including dS_{i+1}), then the sweep.
         (local_P,) = torch.autograd.grad(outs, [P_i], adjs, retain_graph=True)
-        dP_final = torch.zeros_like(P_i[:plan.n_docs]) if dP_final is None else dP_final.float()
         dP_next = _reverse_sweep(per_doc(transition), per_doc(local_P), dP_final, two_sided=True)
         outs, adjs = outs + [P_end], adjs + [dP_next.flatten(0, 1)]
     # 3. Everything, with every chunk's end-state adjoints known.
     wrt = leaves + [S_i] + ([P_i] if bayes else [])
     got = torch.autograd.grad(outs, wrt, adjs, allow_unused=True)
     got = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(wrt, got)]
-    result = []
-    for x, gr in zip(inputs, got[:6]):
-        gr = rows.merge(gr)
-        gr = layout.unpack(gr[..., None])[..., 0] if gr.dim() == 3 else layout.unpack(gr)
-        result.append(gr.to(x.dtype).contiguous())       # the layout the fake kernel promises
-    dS0 = per_doc(got[6])[:, 0].contiguous()
-    dP0 = per_doc(got[7])[:, 0].contiguous() if bayes else None
-    return (*result, dS0, dP0)
+    out = [rows.merge(gr) for gr in got[:6]] + [per_doc(got[6])[:, 0]]
+    if bayes:
+        out.append(per_doc(got[7])[:, 0])
+    return out
 
 
 @torch.no_grad()
