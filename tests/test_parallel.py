@@ -82,6 +82,25 @@ def test_two_rank_losses_match_one_rank(tmp_path, spec):
             assert rel <= 1e-4, (name, step, losses[step], reference[step])
 
 
+def test_two_stage_pipeline_trains(tmp_path):
+    """Pipeline parallel through torchtitan's pipeline_llm: 2 stages of 2 blocks each.
+
+    A smoke test, not a parity test: the later stage does not receive doc_starts (torchtitan
+    forwards extra inputs to the first stage only) and torchtitan 0.2.2's schedule sums
+    rather than averages gradients over tokens, so losses differ from the 1-rank run.
+    """
+    config = tmp_path / "job.toml"
+    config.write_text(CONFIG.format(spec="bayes_hybrid"))
+    dump = tmp_path / "pp"
+    run_job(["--job.config_file", str(config), "--job.dump_folder", str(dump),
+             "--checkpoint.no-enable", "--parallelism.pipeline_parallel_degree", "2",
+             "--parallelism.data_parallel_shard_degree", "1",
+             "--parallelism.pipeline_parallel_microbatch_size", "2"], nproc=2)
+    losses = read_losses(dump)
+    assert sorted(losses) == [1, 2, 3, 4, 5], losses
+    assert all(0 < v < 10 for v in losses.values()) and losses[5] < losses[1] - 0.3, losses
+
+
 # ---------------------------------------------------------------------------------------------
 # FSDP2 mixed precision keeps the per-head filter parameters in fp32
 
