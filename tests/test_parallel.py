@@ -101,6 +101,30 @@ def test_two_stage_pipeline_trains(tmp_path):
     assert all(0 < v < 10 for v in losses.values()) and losses[5] < losses[1] - 0.3, losses
 
 
+def test_activation_checkpointing_and_compile_keep_the_losses(tmp_path):
+    """AC (full, selective per op) and per-block torch.compile (aot_eager: no C++ toolchain
+    needed) recompute or trace the same fp32 math: the 1-rank losses must not move."""
+    config = tmp_path / "job.toml"
+    config.write_text(CONFIG.format(spec="bayes_hybrid"))
+    base = ["--job.config_file", str(config), "--checkpoint.no-enable", "--training.steps", "3"]
+    variants = {
+        "plain": [],
+        "ac_full": ["--activation_checkpoint.mode", "full"],
+        "ac_selective": ["--activation_checkpoint.mode", "selective"],
+        "compile": ["--compile.enable", "--compile.backend", "aot_eager"],
+    }
+    results = {}
+    for name, extra in variants.items():
+        dump = tmp_path / name
+        run_job(base + ["--job.dump_folder", str(dump), *extra])
+        results[name] = read_losses(dump)
+    for name, losses in results.items():
+        assert sorted(losses) == [1, 2, 3], (name, losses)
+        for step in (1, 2, 3):
+            rel = abs(losses[step] - results["plain"][step]) / results["plain"][step]
+            assert rel <= 1e-5, (name, step, losses[step], results["plain"][step])
+
+
 # ---------------------------------------------------------------------------------------------
 # FSDP2 mixed precision keeps the per-head filter parameters in fp32
 
