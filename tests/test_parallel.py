@@ -188,3 +188,17 @@ if __name__ == "__main__":
 
     if "--fsdp-dtype-worker" in sys.argv:
         _fsdp_dtype_worker()
+
+
+def test_tensor_parallel_validation_reports_accuracy(tmp_path):
+    # Under TP the output layer's logits are vocabulary-sharded DTensors; the validator's
+    # accuracy must gather them (titan_bayes/data/validate.py) instead of failing.
+    from test_train_support import REPO, read_scalars
+
+    dump = tmp_path / "tp_val"
+    run_job(["--job.config_file", f"{REPO}/train_configs/debug.toml", "--job.dump_folder", str(dump),
+             "--training.steps", "2", "--validation.freq", "2", "--validation.steps", "2",
+             "--checkpoint.no-enable", "--parallelism.tensor_parallel_degree", "2",
+             "--parallelism.data_parallel_shard_degree", "1"], nproc=2)
+    accuracy = read_scalars(dump, "validation_metrics/accuracy")["validation_metrics/accuracy"]
+    assert accuracy and all(0.0 <= a <= 1.0 for a in accuracy.values())

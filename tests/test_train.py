@@ -42,15 +42,18 @@ def _resume_args(dump, steps=6):
             "--validation.no-enable", "--lr_scheduler.warmup_steps", "2"]
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_is_bit_identical(tmp_path, nproc):
+    # nproc 2: FSDP2 over two ranks, whose checkpoint needs every FSDP unit sharded again after
+    # the forward-only diagnostics pass of the log step (infra/parallelize.py: reshard_fsdp).
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_job(_resume_args(full))
+    run_job(_resume_args(full), nproc=nproc)
     losses = read_losses(full)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     # A fresh dump folder holding only the step-3 checkpoint of the first run.
     (resumed / "checkpoint").mkdir(parents=True)
     shutil.copytree(full / "checkpoint" / "step-3", resumed / "checkpoint" / "step-3")
-    run_job(_resume_args(resumed) + ["--metrics.save_tb_folder", "tb_resumed"])
+    run_job(_resume_args(resumed) + ["--metrics.save_tb_folder", "tb_resumed"], nproc=nproc)
     again = read_losses(resumed, "tb_resumed")
     assert sorted(again) == [4, 5, 6], again  # it did resume at step 3
     for step in (4, 5, 6):

@@ -19,7 +19,7 @@ from torchtitan.components.optimizer import build_optimizers
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
-from titan_bayes.infra.parallelize import parallelize_bayes
+from titan_bayes.infra.parallelize import parallelize_bayes, reshard_fsdp
 from titan_bayes.models.args import SPEC_LAYOUTS, BayesModelArgs, flavors_for
 from titan_bayes.models.model import BayesLM, collect_filter_diagnostics
 
@@ -92,6 +92,7 @@ class BayesMetricsProcessor(MetricsProcessor):
         if last is None:
             return {}
         stats = collect_filter_diagnostics(model, *last)
+        reshard_fsdp(model)  # the checkpoint that may follow needs the sharded parameters
         if stats and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             keys = sorted(stats)
             values = torch.tensor([stats[k] for k in keys], dtype=torch.float64,

@@ -9,11 +9,14 @@ where the previous validation stopped).
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.components.validate import Validator
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
+
+from titan_bayes.infra.parallelize import reshard_fsdp
 
 from .loader import build_validation_dataloader
 
@@ -116,6 +119,8 @@ class BayesValidator(Validator):
                                                   extra_inputs, extra_kwargs)
             step_losses.append(loss_sum.detach() / global_tokens)
             if logits is not None:
+                if isinstance(logits, DTensor):  # tensor parallel: vocabulary-sharded logits
+                    logits = logits.full_tensor()
                 correct += ((logits.argmax(-1) == labels) & mask).sum()
                 labelled += local_tokens
         if not step_losses:
@@ -138,6 +143,7 @@ class BayesValidator(Validator):
             logger.info(f"validate step: {step:2}  accuracy (labelled positions): {accuracy:.4f}")
         self.metrics_processor.log_validation(loss=loss, step=step, extra_metrics=extra)
         for model in model_parts:
+            reshard_fsdp(model)  # forward-only passes leave some FSDP units gathered
             model.train()
 
 

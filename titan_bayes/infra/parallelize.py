@@ -217,3 +217,16 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
 
 
 __all__ = ["parallelize_bayes", "apply_tp", "apply_compile", "apply_fsdp", "ShortConv"]
+
+
+def reshard_fsdp(model: nn.Module) -> None:
+    """Put every FSDP unit of `model` back into its sharded state.
+
+    Units built with reshard_after_forward=False (the fp32 head parameters, norm + output)
+    stay gathered after a forward that has no backward (filter diagnostics, validation). The
+    optimizer and the distributed checkpointer look parameters up by identity, so they must
+    find the sharded parameters registered again before the next optimizer step or save.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
