@@ -70,16 +70,22 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
 
     def forward(self, x: torch.Tensor, doc_id: torch.Tensor | None) -> torch.Tensor:
-        w = _local(self.weight)[:, 0]  # [C_local, W]
         T = x.shape[1]
+        if doc_id is None:
+            # One document per row: a plain depthwise convolution. It saves only its input for
+            # backward; the per-lag loop below keeps a [B, T, C] tensor per lag alive (at the
+            # 340M shape that ran a GPU out of memory).
+            weight = _local(self.weight)
+            y = F.conv1d(x.transpose(1, 2), weight, padding=self.width - 1, groups=weight.shape[0])
+            return F.silu(y[..., :T].transpose(1, 2))
+        w = _local(self.weight)[:, 0]  # [C_local, W]
         y = x * w[:, -1]
         for lag in range(1, self.width):
             if lag >= T:
                 break
             shifted = F.pad(x, (0, 0, lag, 0))[:, :T]
-            if doc_id is not None:
-                same_doc = F.pad(doc_id, (lag, 0), value=-1)[:, :T] == doc_id
-                shifted = shifted * same_doc.unsqueeze(-1).to(x.dtype)
+            same_doc = F.pad(doc_id, (lag, 0), value=-1)[:, :T] == doc_id
+            shifted = shifted * same_doc.unsqueeze(-1).to(x.dtype)
             y = y + shifted * w[:, -1 - lag]
         return F.silu(y)
 
