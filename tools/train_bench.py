@@ -87,7 +87,10 @@ def run_spec(spec: str, args) -> dict:
         f.write(proc.stdout + proc.stderr)
     row = {"spec": spec, "rc": proc.returncode, "wall_s": round(wall, 1)}
     if proc.returncode != 0:
-        row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][-300:]
+        # The last line is usually a shutdown warning; the cause is the last "...Error: ..." line.
+        lines = proc.stderr.strip().splitlines() or ["?"]
+        errors = [line for line in lines if "Error:" in line]
+        row["error"] = (errors or lines)[-1][-300:]
         return row
     s = scalars(dump)
     steps = [k for k in sorted(s.get("throughput(tps)", {})) if k > args.warmup]
