@@ -86,3 +86,18 @@ def test_bad_input_one_error_line_and_dump_untouched(tmp_path, extra, needle):
     assert "Traceback" not in proc.stderr
     assert sorted(str(p.relative_to(dump)) for p in dump.rglob("*")) == before
     assert (dump / "checkpoint" / "step-5" / "marker").read_text() == "precious"
+
+
+def test_checkpoint_with_another_vocabulary_is_refused(tmp_path):
+    # Continued pretraining from a byte-tokenizer checkpoint with a cl100k tokenizer: refused
+    # before anything starts, in one line, instead of DCP's size-mismatch traceback mid-load.
+    source, target = tmp_path / "bytes", tmp_path / "cl100k"
+    run_job(["--job.config_file", DEBUG, "--job.dump_folder", str(source), "--training.steps", "1",
+             "--checkpoint.interval", "1", "--validation.no-enable"])
+    proc = run_job(["--job.config_file", DEBUG, "--job.dump_folder", str(target),
+                    "--checkpoint.initial_load_path", str(source / "checkpoint" / "step-1"),
+                    "--bayes_data.tokenizer", "tiktoken"], check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("titan_bayes.train: error:")]
+    assert len(errors) == 1 and "vocabulary of 320 rows" in errors[0] and "100288" in errors[0], errors
+    assert not target.exists()

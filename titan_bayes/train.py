@@ -117,9 +117,46 @@ def check_job(job_config) -> None:
         args.update_from_config(job_config)
     except (ValueError, FileNotFoundError) as e:
         raise JobError(str(e)) from None
+    _check_checkpoint_vocabulary(job_config, args)
     if getattr(job_config, "bayes", None) is not None and job_config.bayes.backend == "triton" \
             and not gpu_present():
         raise JobError("[bayes] backend = \"triton\" needs a CUDA GPU; use \"auto\" or \"chunked\" on a CPU")
+
+
+def _checkpoint_to_load(job_config) -> str | None:
+    """The DCP folder the Trainer will load, by torchtitan 0.2.2's rules: the newest (or
+    `load_step`) step-N of the dump folder, else `initial_load_path` (unless it is in HF format)."""
+    ckpt = job_config.checkpoint
+    if not ckpt.enable:
+        return None
+    folder = os.path.join(job_config.job.dump_folder, ckpt.folder)
+    steps = []
+    if os.path.isdir(folder):
+        steps = [int(d.split("-")[1]) for d in os.listdir(folder)
+                 if d.startswith("step-") and d.split("-")[1].isdigit()]
+    if steps:
+        step = ckpt.load_step if ckpt.load_step > 0 else max(steps)
+        return os.path.join(folder, f"step-{step}")
+    if ckpt.initial_load_path and not ckpt.initial_load_in_hf:
+        return ckpt.initial_load_path
+    return None
+
+
+def _check_checkpoint_vocabulary(job_config, args) -> None:
+    """Refuse, before anything starts, a checkpoint whose embedding has another vocabulary
+    (another tokenizer); DCP would otherwise fail mid-load with a size-mismatch traceback."""
+    path = _checkpoint_to_load(job_config)
+    if path is None or not os.path.isfile(os.path.join(path, ".metadata")):
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(path).read_metadata().state_dict_metadata.get("tok_embeddings.weight")
+    shape = tuple(getattr(saved, "size", ()))
+    if len(shape) == 2 and shape[0] != args.vocab_size:
+        tokenizer = getattr(getattr(job_config, "bayes_data", None), "tokenizer", "?")
+        raise JobError(f"checkpoint {path} was trained with a vocabulary of {shape[0]} rows, but this job's "
+                       f"tokenizer ([bayes_data] tokenizer = {tokenizer!r}) gives {args.vocab_size}; use the "
+                       "tokenizer the checkpoint was trained with")
 
 
 def main(argv: list[str] | None = None) -> int:
