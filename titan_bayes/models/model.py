@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial
 
 from titan_bayes.ops import bayes_filter
+from titan_bayes.ops import filter_math as fm
 
 from .args import BayesModelArgs
 
@@ -191,7 +192,7 @@ class FilterMixer(nn.Module):
         if self.mode == "bayes" and self.process_noise == "zero":
             process_noise = torch.zeros_like(g)
         elif self.mode == "bayes" and self.process_noise == "learned":
-            process_noise = noise_log.exp() * (-torch.expm1(2 * g))
+            process_noise = noise_log.exp() * fm.stationary_process_noise(g)
 
         cu_seqlens = None
         if doc_starts is not None:
@@ -230,7 +231,7 @@ class FilterMixer(nn.Module):
                       check_inputs=False, output_variance=True)
         _, state, var_q = bayes_filter(q, k, v, g, beta, output_final_state=True, **common)
         _, _, var_k = bayes_filter(k, k, v, g, beta, **common)
-        r = (1 - beta.float()) / beta.float()
+        r = fm.observation_noise(beta.float())
         p_post = var_k.float() / scale ** 2
         gain = (p_post / r).clamp(0, 1)
         P = state[1]
