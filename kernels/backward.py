@@ -1,31 +1,36 @@
-"""Backward of the chunked filter: chunk-local recomputation, all chunks at once, plus two
-cheap linear sweeps that carry the state adjoints from chunk to chunk.
+"""Backward of the chunked filter: Triton kernels for everything that touches values (V),
+autograd for the small per-chunk graph of the keys, decays and gains.
 
-The forward kernels keep the belief at every chunk boundary (the state slots). Given its
-start state, each chunk is an independent function f_i(S_i, P_i, inputs_i) → (O_i, var_i,
-S_{i+1}, P_{i+1}), so all chunks are recomputed in one batched call of the PyTorch chunked
-path (titan_bayes.ops.chunk, tested against the float64 token-by-token filter), every chunk
-a row of length C, and differentiated by autograd. What couples the chunks is the adjoint of
-the carried state, and it obeys two linear recursions with one K × K matrix per chunk, the
-chunk's closed-loop transition Φ_i = F_C ⋯ F_1, F_t = a_t (I − u_t k_tᵀ / s_t):
-  - the mean map is affine in S_i, S_{i+1} = Φ_i S_i + (terms free of S_i), so
-        dS_i = Φ_iᵀ dS_{i+1} + ∂(O_i)/∂S_i · dO_i;
-  - with optimal (Kalman) gains the first-order change of the gains drops out of the
-    covariance update (d(P̄ − P̄kkᵀP̄/s) = (I − ukᵀ/s) dP̄ (I − ukᵀ/s)ᵀ), so P_{i+1} moves by
-    Φ_i dP_i Φ_iᵀ and
-        dP_i = Φ_iᵀ dP_{i+1} Φ_i + ∂(O_i, var_i, S_{i+1})/∂P_i · (dO_i, dvar_i, dS_{i+1}).
-Φ_i is the chunk's end mean when it starts from S_i = I with zero values. Three VJPs of the
-batched recomputation (local terms for S; local terms for P once dS is known; everything once
-dP is known) and the two sweeps give the exact gradients. The boundary states come from
-a rerun of the forward kernels (ops.py), so the forward saves only its inputs.
+1. The forward's first two passes rerun (chunk_fwd.chunk_states) and give the chunk-boundary
+   states, the write directions U, gains w, L⁻¹ and innovations E; the forward saves only
+   its inputs.
+2. chunk_bwd.py: the adjoint of the mean runs backwards over the chunks (`_dstate_kernel`),
+   then chunk-parallel kernels form every sum over V: the adjoints dA, dL, dw, dQ_S, dU_S,
+   dK̃, dΓ_C of the chunk's key-side quantities (see that module), and dV = dR.
+3. Those quantities are functions of (q, k, g, beta) alone for reset, and of (q, k, g, beta,
+   process noise, P_i) for bayes: filter_math rebuilds them for all chunks at once under
+   autograd and one vector-Jacobian product turns their adjoints into input gradients.
+4. bayes also carries the covariance adjoint across chunks. With Kalman-optimal gains the
+   first-order change of the gains drops out of the covariance update
+   (d(P̄ − P̄kkᵀP̄/s) = (I − ukᵀ/s) dP̄ (I − ukᵀ/s)ᵀ), so P_{i+1} moves by Φ_i dP_i Φ_iᵀ, with
+   Φ_i = Γ_C I − Uᵀ diag(Λ_C· w) L⁻¹ K̃ the chunk's closed-loop transition (the same Φ that
+   carries the mean: S_{i+1} = Φ_i S_i + terms free of S_i). Hence
+       dP_i = Φ_iᵀ dP_{i+1} Φ_i + (the chunk's own terms in P_i),
+   a sweep that needs each chunk's own terms first: one extra VJP, before the full one.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
+from titan_bayes.ops import filter_math as fm
 from titan_bayes.ops.api import _Layout
-from titan_bayes.ops.chunk import chunked_filter
+
+from .chunk_bwd import _dstate_kernel, _local_kernel, _square_kernel
+from .chunk_fwd import _block_v, chunk_states
+
+FILLS = {"q": 0.0, "k": 0.0, "g": 0.0, "beta": 0.5, "noise": 0.0}   # api._Layout's padding tokens
 
 
 def _boundary_states(slots, plan):
@@ -36,139 +41,140 @@ def _boundary_states(slots, plan):
     return slots[index]
 
 
-class _Rows:
-    """[N, H, n·C, ...] (documents, padded to whole chunks) ↔ [N·n, H, C, ...] (one chunk a row)."""
-
-    def __init__(self, N, n, C):
-        self.N, self.n, self.C = N, n, C
-
-    def split(self, x):
-        N, H = x.shape[:2]
-        x = x.reshape(N, H, self.n, self.C, *x.shape[3:]).transpose(1, 2)
-        return x.reshape(N * self.n, H, self.C, *x.shape[4:])
-
-    def merge(self, x):
-        H = x.shape[1]
-        x = x.reshape(self.N, self.n, H, self.C, *x.shape[3:]).transpose(1, 2)
-        return x.reshape(self.N, H, self.n * self.C, *x.shape[4:])
-
-
-def _reverse_sweep(transition, local, final, two_sided):
-    """d_i = Φ_iᵀ d_{i+1} (Φ_i if two_sided) + local_i for i = n−1 … 0, d_n = final.
-
-    transition, local: [N, n, H, K, ·]; returns the adjoints d_{i+1} of every chunk's end state."""
-    n = transition.shape[1]
-    incoming = torch.empty_like(local)
-    d = final
-    for i in reversed(range(n)):
-        incoming[:, i] = d
-        Phi_T = transition[:, i].transpose(-1, -2)
-        if two_sided:
-            d = 0.5 * (d + d.transpose(-1, -2))         # P is symmetrised: only sym(dP) acts
-            d = Phi_T @ d @ transition[:, i] + local[:, i]
-        else:
-            d = Phi_T @ d + local[:, i]
-    return incoming
-
-
-# Documents are independent, so the backward runs over groups of documents whose recomputed
-# graphs fit this many bytes (an estimate, see _bytes_per_document): a bound on the transient
-# memory of the backward, traded against more, smaller launches.
-GROUP_BYTES = 8 * 2**30
-
-
-def _bytes_per_document(n, H, K, V, C):
-    """Rough size of one document's saved graph in the batched recomputation (fp32): about a
-    dozen [C, K]/[C, V] tensors, a few [K, V] and [K, K] states and [C, C] chunk matrices per
-    chunk and head (measured peak on an H100 is about half of this)."""
-    return 4 * n * H * (12 * C * (2 * K + V) + 8 * K * V + 16 * K * K + 20 * C * C)
-
-
-def chunk_backward(mode, inputs, h_slots, p_slots, cu_seqlens, plan, grads, scale, output_variance, chunk_size):
-    """inputs: (q, k, v, g, beta, noise) as given to the forward, [B, T, H, ...];
+def chunk_backward(mode, inputs, S0, P0, plan, cu_seqlens, grads, scale, output_variance, chunk_size):
+    """inputs: (q, k, v, g, beta, noise) as given to the forward, [B, T, H, ...] contiguous;
     grads: (dO, dvar or None, dS_final or None, dP_final or None).
     Returns (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0) in the inputs' layouts (dP0 None for reset)."""
-    B, T, H, K = inputs[0].shape
-    V = inputs[2].shape[-1]
-    C, n, N = chunk_size, plan.max_chunks, plan.n_docs
+    q, k, v, g, beta, noise = inputs
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C, N = chunk_size, plan.n_docs
     bayes = mode == "bayes"
-    layout = _Layout(cu_seqlens, T, C)
-    packed = layout.pack(*[x.float() for x in inputs])                     # [N, H, n·C, ...]
     d_out, d_var, dS_final, dP_final = grads
-    d_out = layout._pack_one(d_out.float(), 0.0)
-    with_var = bayes and output_variance and d_var is not None
-    d_var = layout._pack_one(d_var.float()[..., None], 0.0)[..., 0] if with_var else None
-    S_bounds = _boundary_states(h_slots, plan)                               # [N, n + 1, H, K, V]
-    P_bounds = _boundary_states(p_slots, plan) if bayes else None
-    dS_final = S_bounds.new_zeros(N, H, K, V) if dS_final is None else dS_final.float()
+    mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, False, C)
+    sums = _value_sums(q, k, g, d_out.contiguous(), mid, plan, dS_final, scale, C)
+    dh_slots = sums.pop("dh_slots")
+    layout = _Layout(cu_seqlens, T, C)
+    n = layout.padded // C
+
+    def chunked(x, fill=0.0):  # token-major [B, T, H, ...] → [N, H, n, C, ...] fp32
+        x = layout._pack_one(x.float(), fill)
+        return x.reshape(x.shape[0], H, n, C, *x.shape[3:])
+
+    leaves = {name: chunked(x, FILLS[name]).requires_grad_()
+              for name, x in (("q", q), ("k", k), ("g", g), ("beta", beta), ("noise", noise))}
+    adjoints = {name: chunked(sums[name].view(B, T, H, -1)) for name in ("dA", "dL", "dQS", "dUS", "dKt")}
+    adjoints["dw"] = chunked(sums["dw"].view(B, T, H))
+    adjoints["dgc"] = sums["dgc"]
     if bayes:
-        dP_final = P_bounds.new_zeros(N, H, K, K) if dP_final is None else dP_final.float()
-    group = max(1, min(N, GROUP_BYTES // _bytes_per_document(n, H, K, V, C)))
-    pieces = []
-    for lo in range(0, N, group):
-        docs = slice(lo, min(N, lo + group))
-        pieces.append(_documents_backward(
-            mode, [x[docs] for x in packed], d_out[docs], d_var[docs] if with_var else None,
-            S_bounds[docs, :n], P_bounds[docs, :n] if bayes else None, dS_final[docs],
-            dP_final[docs] if bayes else None, scale, C))
-    grads_in = [torch.cat([p[j] for p in pieces]) for j in range(8 if bayes else 7)]
-    result = []
-    for x, gr in zip(inputs, grads_in[:6]):
-        gr = layout.unpack(gr[..., None])[..., 0] if gr.dim() == 3 else layout.unpack(gr)
-        result.append(gr.to(x.dtype).contiguous())       # the layout the fake kernel promises
-    return (*result, grads_in[6].contiguous(), grads_in[7].contiguous() if bayes else None)
-
-
-def _documents_backward(mode, packed, d_out, d_var, S_starts, P_starts, dS_final, dP_final, scale, C):
-    """The backward of a group of documents, packed [N, H, n·C, ...] with chunk start states
-    [N, n, H, ...]. Returns the packed input gradients, dS0 and (bayes) dP0."""
-    N, n = S_starts.shape[:2]
-    bayes = mode == "bayes"
-    rows = _Rows(N, n, C)
-    packed = [rows.split(x) for x in packed]
-    d_out = rows.split(d_out)
-    d_var = rows.split(d_var) if d_var is not None else None
-    S_i = S_starts.reshape(N * n, *S_starts.shape[2:]).detach().requires_grad_()
-    P_i = P_starts.reshape(N * n, *P_starts.shape[2:]).detach().requires_grad_() if bayes else None
-    leaves = [x.detach().requires_grad_() for x in packed]
+        P_i = _boundary_states(mid.p_slots, plan)[:, :n].transpose(1, 2).contiguous().requires_grad_()   # [N, H, n, K, K]
+        if d_var is not None and output_variance:
+            adjoints["dvar"] = chunked(d_var.view(B, T, H))
+        dP_final = P_i.new_zeros(N, H, K, K) if dP_final is None else dP_final.float()
     with torch.enable_grad():
-        o, S_end, P_end, var, _ = chunked_filter(mode, *leaves, S_i, P_i, scale, d_var is not None, C)
-    transition = _transition(mode, packed, P_i, scale, C)
-
-    def per_doc(x):  # [N·n, H, ...] → [N, n, H, ...]
-        return x.reshape(N, n, *x.shape[1:])
-
-    local_out, local_adj = [o], [d_out]
-    if d_var is not None:
-        local_out.append(var)
-        local_adj.append(d_var)
-    # 1. The mean adjoints: local terms, then the sweep over chunks.
-    (local_S,) = torch.autograd.grad(local_out, [S_i], local_adj, retain_graph=True, allow_unused=True)
-    local_S = torch.zeros_like(S_i) if local_S is None else local_S
-    dS_next = _reverse_sweep(per_doc(transition), per_doc(local_S), dS_final, two_sided=False)
-    outs, adjs = local_out + [S_end], local_adj + [dS_next.flatten(0, 1)]
-    if bayes:
-        # 2. The covariance adjoints: local terms (now including dS_{i+1}), then the sweep.
-        (local_P,) = torch.autograd.grad(outs, [P_i], adjs, retain_graph=True)
-        dP_next = _reverse_sweep(per_doc(transition), per_doc(local_P), dP_final, two_sided=True)
-        outs, adjs = outs + [P_end], adjs + [dP_next.flatten(0, 1)]
-    # 3. Everything, with every chunk's end-state adjoints known.
-    wrt = leaves + [S_i] + ([P_i] if bayes else [])
-    got = torch.autograd.grad(outs, wrt, adjs, allow_unused=True)
+        outs, adjs, graph = _key_side_graph(mode, leaves, P_i if bayes else None, adjoints, scale)
+        wrt = [leaves[name] for name in ("q", "k", "g", "beta")] + ([leaves["noise"]] if bayes else [])
+        dP0 = None
+        if bayes:
+            (own_P,) = torch.autograd.grad(outs, [P_i], adjs, retain_graph=True)
+            dP_ends, dP0 = _covariance_sweep(graph, own_P, dP_final)
+            outs, adjs = outs + [graph["P_C"]], adjs + [dP_ends]
+        got = torch.autograd.grad(outs, wrt, adjs, allow_unused=True)
     got = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(wrt, got)]
-    out = [rows.merge(gr) for gr in got[:6]] + [per_doc(got[6])[:, 0]]
-    if bayes:
-        out.append(per_doc(got[7])[:, 0])
-    return out
+
+    def unchunked(gr, like):
+        gr = gr.reshape(gr.shape[0], H, n * C, *gr.shape[4:])
+        gr = layout.unpack(gr if gr.dim() == 4 else gr[..., None])
+        return (gr if like.dim() == 4 else gr[..., 0]).to(like.dtype).contiguous()
+
+    dq, dk, dg, dbeta = (unchunked(gr, x) for gr, x in zip(got[:4], (q, k, g, beta)))
+    dnoise = unchunked(got[4], noise) if bayes else torch.zeros_like(noise)
+    dv = sums["dR"].view(B, T, H, V).to(v.dtype)
+    dS0 = dh_slots[plan.slot0.long()].contiguous()
+    return dq, dk, dv, dg, dbeta, dnoise, dS0, dP0
+
+
+def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
+    """Run the kernels of chunk_bwd.py. Returns token-major fp32 adjoints (see that module):
+    dA, dL [B·T, H, C], dQS, dUS, dKt [B·T, H, K], dw [B·T, H], dR [B·T, H, V] (= dV), dgc
+    [N, H, n_max] (per chunk, zero past a document's end) and dh_slots (the state adjoints)."""
+    B, T, H, K = q.shape
+    V = d_out.shape[-1]
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    n_tok, N = B * T, plan.n_docs
+    BK = max(16, triton.next_power_of_2(K))
+    BV = _block_v(K, V)
+    dS_final = torch.zeros(N, H, K, V, **f32) if dS_final is None else dS_final.float().contiguous()
+    dh_slots = torch.empty_like(mid.h_slots)
+    dW = torch.empty(n_tok, H, V, **f32)
+    dR = torch.empty(n_tok, H, V, **f32)
+    _dstate_kernel[(triton.cdiv(V, BV), N * H)](
+        q, k, g, mid.u, mid.w, mid.linv, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dW, dR, scale, H,
+        K=K, V=V, BK=BK, BV=BV, C=C, num_warps=4, num_stages=1)
+    BKB = min(BK, 64)
+    n_kb = triton.cdiv(K, BKB)
+    dQS, dUS, dKt = (torch.empty(n_tok, H, K, **f32) for _ in range(3))
+    dgc_blocks = torch.empty(n_kb, plan.n_chunks, H, **f32)
+    BVL = min(64, max(16, triton.next_power_of_2(V)))
+    _local_kernel[(n_kb, plan.n_chunks, H)](
+        mid.w, mid.e, d_out, dR, mid.h_slots, dh_slots, plan.chunks, plan.cu, plan.slot0,
+        dQS, dUS, dKt, dgc_blocks, scale, H, plan.n_chunks, K=K, V=V, BKB=BKB, BV=BVL, C=C, num_warps=4)
+    dA, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
+    dw = torch.empty(n_tok, H, **f32)
+    _square_kernel[(plan.n_chunks, H)](mid.w, mid.e, d_out, dR, dW, plan.chunks, plan.cu, dA, dL, dw, scale, H,
+                                       V=V, BV=BVL, C=C, num_warps=4)
+    dgc = torch.zeros(N, plan.max_chunks, H, **f32)
+    chunks = plan.chunks.long()
+    dgc[chunks[:, 0], chunks[:, 1]] = dgc_blocks.sum(0)
+    return dict(dA=dA, dL=dL, dQS=dQS, dUS=dUS, dKt=dKt, dw=dw, dR=dR, dgc=dgc.transpose(1, 2),
+                dh_slots=dh_slots)
+
+
+def _key_side_graph(mode, leaves, P_i, adjoints, scale):
+    """Rebuild, for all chunks at once ([N, H, n, C, ...]), every quantity the value sums are
+    adjoints of, from the chunked inputs (filter_math: the same formulas as the forward).
+    Returns (outputs, their adjoints, the graph's tensors the covariance sweep needs)."""
+    q, k, g, beta = (leaves[name] for name in ("q", "k", "g", "beta"))
+    log_gamma, decay = fm.chunk_decays(g)
+    gamma = log_gamma.exp()
+    graph = {}
+    if mode == "bayes":
+        d = fm.accumulated_noise(decay, leaves["noise"])
+        L, w, U, P_C, _ = fm.chunk_covariance(k, P_i, log_gamma, decay, d, fm.observation_noise(beta))
+        graph.update(L=L.detach(), w=w.detach(), U=U.detach(), P_C=P_C)
+    else:
+        L, w, U = fm.delta_rule_system(k, beta, decay), beta, k
+    last = decay[..., -1, :]                                       # Λ_C,s
+    outs = [(q @ U.transpose(-1, -2)) * decay, L, w, gamma[..., None] * q, last[..., None] * U,
+            gamma[..., None] * k, gamma[..., -1]]
+    adjs = [adjoints[name] for name in ("dA", "dL", "dw", "dQS", "dUS", "dKt", "dgc")]
+    if "dvar" in adjoints:
+        outs.append(fm.chunk_variance(q, P_i, log_gamma, decay, d, U, w, scale))
+        adjs.append(adjoints["dvar"])
+    if mode == "bayes":
+        graph.update(gamma=gamma.detach(), last=last.detach(), k=k.detach())
+    return outs, adjs, graph
 
 
 @torch.no_grad()
-def _transition(mode, packed, P_i, scale, C):
-    """Φ_i of every chunk: its end mean when started from S = I with zero values."""
-    q, k, v, g, beta, noise = packed
-    R, H, _, K = k.shape
-    eye = torch.eye(K, dtype=k.dtype, device=k.device).expand(R, H, K, K).contiguous()
-    zeros = torch.zeros(R, H, C, K, dtype=k.dtype, device=k.device)
-    P0 = P_i.detach() if P_i is not None else None
-    _, Phi, _, _, _ = chunked_filter(mode, zeros, k, zeros, g, beta, noise, eye, P0, scale, False, C)
-    return Phi
+def _covariance_sweep(graph, own_P, dP_final):
+    """dP_i = Φ_iᵀ sym(dP_{i+1}) Φ_i + own_i for i = n−1 … 0, from dP_n = dP_final.
+
+    Φ = Γ_C I − Uᵀ B with B = diag(Λ_C· w) L⁻¹ K̃ [C, K]: a rank-C change of a multiple of I,
+    so Φᵀ X Φ costs four [C, K] × [K, K] products instead of two K × K × K ones.
+    Returns (the adjoints of every chunk's end covariance [N, H, n, K, K], dP_0)."""
+    U, L, gamma = graph["U"], graph["L"], graph["gamma"]
+    k_tilde = gamma[..., None] * graph["k"]
+    B = (graph["last"] * graph["w"])[..., None] * torch.linalg.solve_triangular(
+        L, k_tilde, upper=False, unitriangular=True)
+    gamma_C = gamma[..., -1, None, None]
+    ends = torch.empty_like(own_P)
+    d = dP_final
+    for i in reversed(range(own_P.shape[2])):
+        ends[:, :, i] = d
+        d = 0.5 * (d + d.transpose(-1, -2))            # P is symmetrised: only sym(dP) acts
+        U_i, B_i, g_i = U[:, :, i], B[:, :, i], gamma_C[:, :, i]
+        right = g_i * d - (d @ U_i.transpose(-1, -2)) @ B_i             # dP Φ
+        d = g_i * right - B_i.transpose(-1, -2) @ (U_i @ right) + own_P[:, :, i]
+    return ends, d

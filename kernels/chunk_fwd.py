@@ -336,13 +336,22 @@ def _check_pivots(w):
             "initial P is not positive definite; keep beta <= 0.999 or raise prior_scale.")
 
 
-def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
-    """Run the forward kernels. Inputs [B, T, H, ...] contiguous (noise fp32, bayes only);
-    S0 [N, H, K, V] fp32, P0 [N, H, K, K] fp32 (bayes) or None.
+class Intermediates:
+    """What the first two forward passes leave behind, token-major [B·T, H, ...] fp32 unless
+    noted: the chunk-boundary states h_slots [n_slots, H, K, V] and p_slots [n_slots, H, K, K]
+    (bayes, else None), write directions u (reset: the keys k themselves), gains w (reset:
+    beta), L⁻¹ of every chunk's system [B·T, H, C], innovations e [B·T, H, V] and the prior part
+    of the predictive variance vpri (bayes with output_variance, else None)."""
 
-    Returns (o, variance or None, h_slots [n_slots, H, K, V], p_slots [n_slots, H, K, K] or None).
-    The final state of document n is slot slot0[n] + NT_n of each.
-    """
+    def __init__(self, h_slots, p_slots, u, w, linv, e, vpri):
+        self.h_slots, self.p_slots, self.u, self.w, self.linv, self.e, self.vpri = h_slots, p_slots, u, w, linv, e, vpri
+
+
+def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size):
+    """Passes 1 and 2 of the forward (covariance or reset system, then the mean h-loop).
+    Inputs [B, T, H, ...] contiguous (noise fp32, bayes only); S0 [N, H, K, V] fp32,
+    P0 [N, H, K, K] fp32 (bayes) or None. Returns Intermediates; the final state of document
+    n is slot slot0[n] + NT_n of h_slots (and p_slots)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
@@ -359,11 +368,12 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
         p_slots[plan.slot0.long()] = P0.float()
         u = torch.empty(n_tok, H, K, **f32)
         w = torch.empty(n_tok, H, **f32)
-        vpri = torch.empty(n_tok, H, **f32) if output_variance else w
+        vpri = torch.empty(n_tok, H, **f32) if output_variance else None
         scratch = torch.empty(plan.n_docs * H, C, K, **f32)
         BP = min(BK, 64)
         _bayes_cov_kernel[(plan.n_docs * H,)](
-            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv, w, vpri, H,
+            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv, w,
+            vpri if vpri is not None else w, H,
             K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, num_warps=COV_WARPS, num_stages=1)
         _check_pivots(w)
     else:
@@ -375,13 +385,27 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
         k, v, g, u, w, linv, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
         K=K, V=V, BK=BK, BV=BV, C=C, num_warps=MEAN_WARPS, num_stages=1)
+    return Intermediates(h_slots, p_slots, u, w, linv, e, vpri)
+
+
+def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
+    """The whole forward: chunk_states, then the outputs (pass 3).
+
+    Returns (o, variance or None, h_slots [n_slots, H, K, V], p_slots [n_slots, H, K, K] or None).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    BK = max(16, triton.next_power_of_2(K))
+    mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance and mode == "bayes", C)
     o = torch.empty_like(v)
-    variance = torch.empty(B, T, H, dtype=v.dtype, device=dev) if output_variance else None
+    variance = torch.empty(B, T, H, dtype=v.dtype, device=q.device) if output_variance else None
+    BV = _block_v(K, V)
     _output_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](
-        q, g, u, w, e, h_slots, vpri if vpri is not None else w, plan.chunks, plan.cu, plan.slot0,
-        o, variance if variance is not None else o, scale, H,
+        q, g, mid.u, mid.w, mid.e, mid.h_slots, mid.vpri if mid.vpri is not None else mid.w, plan.chunks,
+        plan.cu, plan.slot0, o, variance if variance is not None else o, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C,
         WITH_VARIANCE=output_variance and mode == "bayes", num_warps=OUT_WARPS)
     if output_variance and mode != "bayes":
         variance.zero_()
-    return o, variance, h_slots, p_slots
+    return o, variance, mid.h_slots, mid.p_slots

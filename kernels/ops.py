@@ -6,8 +6,8 @@ paths see one forward op and one backward op instead of Triton launches and Pyth
 
 Empty tensors stand for absent outputs (variance without output_variance, P outside bayes):
 a custom op's outputs are always tensors. The backward saves only the op's inputs (as Gated
-DeltaNet's kernels do) and reruns the forward kernels for the chunk-boundary states: about
-one forward pass of extra time for a saved memory of the inputs alone.
+DeltaNet's kernels do) and reruns the first two forward passes for the chunk-boundary states:
+some extra time for a saved memory of the inputs alone.
 """
 
 from __future__ import annotations
@@ -78,12 +78,10 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
                                         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T = q.shape[:2]
     plan = Plan(B, T, cu_seqlens, chunk_size, q.device)
-    _, _, h_slots, p_slots = chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, False,
-                                           chunk_size)
     grads = (d_out, d_var if d_var.numel() else None, dS, dP if dP.numel() else None)
     with torch._C._ForceDispatchKeyGuard(*_autograd_keys()), torch.enable_grad():
-        out = chunk_backward(mode, (q, k, v, g, beta, noise), h_slots, p_slots, cu_seqlens, plan, grads,
-                             scale, output_variance, chunk_size)
+        out = chunk_backward(mode, (q, k, v, g, beta, noise), S0, P0, plan, cu_seqlens, grads, scale,
+                             output_variance, chunk_size)
     dP0 = out[7] if out[7] is not None else q.new_empty(0, dtype=torch.float32)
     return (*out[:7], dP0)
 

@@ -147,19 +147,6 @@ def case_step_reset_continues_prefill_odd_sizes():
     return _prefill_then_steps("reset", K=20, V=24), FP32_TOL
 
 
-def case_backward_in_groups_of_one_document():
-    """The backward splits documents into groups by a memory budget; with a budget of one byte
-    every document is its own group, and the gradients stay exact."""
-    from titan_bayes.kernels import backward
-
-    budget, backward.GROUP_BYTES = backward.GROUP_BYTES, 1
-    try:
-        inputs = make_inputs(B=1, T=70, H=2, K=16, V=16, seed=15)
-        return _compare("bayes", inputs, cu_seqlens=torch.tensor([0, 9, 40, 70])), FP32_TOL
-    finally:
-        backward.GROUP_BYTES = budget
-
-
 def case_custom_ops_pass_opcheck():
     """torch.library.opcheck: schema, autograd registration, fake kernels (what torch.compile
     traces with) and AOT dispatch of the chunk op in both modes and of the decoding step."""
