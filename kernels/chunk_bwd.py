@@ -1,21 +1,22 @@
-"""Triton kernels of the backward pass: the mean (value) part, shared by bayes and reset.
+"""Triton kernels of the backward pass: the mean (value) part, shared by bayes and reset, and
+the key side of reset.
 
-Per chunk the forward reads out (filter_math.chunk_readout, with W = diag(w) E the weighted
-innovations and E = L⁻¹ R, R = V − K̃ S0 the residuals):
-    O   = scale · [diag(Γ) Q S0 + A W],   A = tril(Q Uᵀ) ∘ Λ
-    S_C = Γ_C S0 + Uᵀ diag(Λ_C·) W.
+Per chunk the forward reads out (filter_math.chunk_readout, with E = L⁻¹ R the innovations,
+R = V − K̃ S0 the residuals, w the gains):
+    O   = scale · [diag(Γ) Q S0 + A diag(w) E],   A = tril(Q Uᵀ) ∘ Λ
+    S_C = Γ_C S0 + (diag(Λ_C· w) U)ᵀ E.
 Given dO and the adjoint dS_C of the chunk's end state, the chain rule gives
-    dW  = scale · Aᵀ dO + diag(Λ_C·) U dS_C,     dE = diag(w) dW,     dR = L⁻ᵀ dE = dV,
+    dR  = L⁻ᵀ diag(w) [scale · Aᵀ dO + diag(Λ_C·) U dS_C] = Mo dO + L⁻ᵀ diag(w Λ_C·) U dS_C = dV,
     dS0 = Γ_C dS_C + scale · (diag(Γ) Q)ᵀ dO − K̃ᵀ dR,
-so the adjoint of the state runs backwards over the chunks exactly like the forward h-loop
-(`_dstate_kernel`, one program per (document, head, V block)). Everything else is local to a
-chunk and needs a sum over V, which `_local_kernel` (C × K results, per K block) and
-`_square_kernel` (C × C results) form:
-    dA = scale · dO Wᵀ,   dL = −dR Eᵀ (strictly lower: E = L⁻¹ R),   dw = rowsum(E ∘ dW),
-    dQ_S = scale · dO S0ᵀ (→ Q through diag(Γ) Q),   dU_S = W dS_Cᵀ (→ U through diag(Λ_C·) U),
-    dK̃ = −dR S0ᵀ,   dΓ_C = ⟨S0, dS_C⟩.
-backward.py hands these to autograd on the small per-chunk graph that made A, L, w, U, K̃, Γ
-from q, k, g, beta (and P for bayes), which turns them into input gradients.
+so the adjoint of the state runs backwards over the chunks like the forward h-loop
+(`_dstate_kernel`, one program per (document, head, V block)), with the C × C map
+Mo = scale · L⁻ᵀ diag(w) Aᵀ formed once per chunk (`_readout_map_kernel`). Everything else
+is local to a chunk and needs a sum over V, which `_local_kernel` (C × K results, per K block)
+and `_square_kernel` (C × C results) form: the adjoints of the chunk's key-side products
+    A diag(w) ← Gs = scale · dO Eᵀ,    L ← dL = −dR Eᵀ (strictly lower: E = L⁻¹ R),
+    diag(Λ_C· w) U ← E dS_Cᵀ,   diag(Γ) Q ← scale · dO S0ᵀ,   K̃ ← −dR S0ᵀ,   Γ_C ← ⟨S0, dS_C⟩.
+For reset `_reset_keys_kernel` turns these into dq, dk, dg, dbeta (the formulas are in it);
+bayes hands them to autograd on the per-chunk covariance graph (backward.py).
 """
 
 from __future__ import annotations
@@ -27,11 +28,36 @@ from .chunk_fwd import _chunk_decays, _last_row
 
 
 @triton.jit
-def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
-                   dh_ptr, dw_ptr, dr_ptr, scale, H,
+def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, linv_ptr, chunk_ptr, cu_ptr, mo_ptr, scale, H,
+                        K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr):
+    """Mo = scale · L⁻ᵀ diag(w) Aᵀ of one chunk, A = tril(Q Uᵀ) ∘ Λ, stored by rows [B·T, H, C]."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
+    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    idx = tl.arange(0, C)
+    rows = bos + i * C + idx
+    valid = rows < eos
+    tok = rows * H + h
+    QU = tl.zeros([C, C], dtype=tl.float32)
+    for kb in range(0, K, BKB):
+        cols = kb + tl.arange(0, BKB)
+        kmask = valid[:, None] & (cols[None, :] < K)
+        qc = tl.load(q_ptr + tok[:, None] * K + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
+        U = tl.load(u_ptr + tok[:, None] * K + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
+        QU += tl.dot(qc, tl.trans(U))
+    _, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
+    w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    Linv = tl.load(linv_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
+    Mo = scale * tl.dot(tl.trans(Linv), tl.trans(QU * decay) * w[:, None])
+    tl.store(mo_ptr + tok[:, None] * C + idx[None, :], Mo, mask=valid[:, None])
+
+
+@triton.jit
+def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, mo_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
+                   dh_ptr, dr_ptr, scale, H,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
     """Reverse h-loop. dh slot j receives the adjoint of the state at chunk boundary j (slot0 +
-    i + 1: the end of chunk i; slot0: the initial state); also stores dW and dR per token."""
+    i + 1: the end of chunk i; slot0: the initial state); also stores dR (= dV) per token."""
     pid_v, pid = tl.program_id(0), tl.program_id(1)
     n, h = pid // H, pid % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -60,11 +86,9 @@ def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, do_ptr, dsf_ptr,
         last = _last_row(decay, C)
         gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
-        A = tl.dot(qc, tl.trans(U)) * decay                    # decay is 0 above the diagonal
-        dW = scale * tl.dot(tl.trans(A), dO) + last[:, None] * tl.dot(U, dS)
         Linv = tl.load(linv_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
-        dR = tl.dot(tl.trans(Linv), w[:, None] * dW)
-        tl.store(dw_ptr + tok[:, None] * V + vv[None, :], dW, mask=vmask)
+        Mo = tl.load(mo_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
+        dR = tl.dot(Mo, dO) + tl.dot(tl.trans(Linv) * (w * last)[None, :], tl.dot(U, dS))
         tl.store(dr_ptr + tok[:, None] * V + vv[None, :], dR, mask=vmask)
         dS = (gamma_C * dS + scale * tl.dot(tl.trans(qc * gamma[:, None]), dO)
               - tl.dot(tl.trans(kc * gamma[:, None]), dR))
@@ -72,10 +96,11 @@ def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, do_ptr, dsf_ptr,
 
 
 @triton.jit
-def _local_kernel(w_ptr, e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_ptr,
-                  dqs_ptr, dus_ptr, dkt_ptr, dgc_ptr, scale, H, n_chunks,
+def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_ptr,
+                  dqs_ptr, eds_ptr, dkt_ptr, dgc_ptr, scale, H, n_chunks,
                   K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
-    """The C × K local terms for one K block of a chunk: dQ_S, dU_S, dK̃, and its part of dΓ_C."""
+    """The C × K local terms for one K block of a chunk: scale·dO S0ᵀ, E dS_Cᵀ, −dR S0ᵀ, and
+    this block's part of ⟨S0, dS_C⟩."""
     pid_k, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -85,11 +110,10 @@ def _local_kernel(w_ptr, e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr
     rows = bos + i * C + idx
     valid = rows < eos
     tok = rows * H + h
-    w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     start = h_ptr + (slot * H + h).to(tl.int64) * K * V
     end_adjoint = dh_ptr + ((slot + 1) * H + h).to(tl.int64) * K * V
     dQS = tl.zeros([C, BKB], dtype=tl.float32)
-    dUS = tl.zeros([C, BKB], dtype=tl.float32)
+    EdS = tl.zeros([C, BKB], dtype=tl.float32)
     dKt = tl.zeros([C, BKB], dtype=tl.float32)
     dgc = tl.zeros([BKB], dtype=tl.float32)
     for vb in range(0, V, BV):
@@ -102,21 +126,22 @@ def _local_kernel(w_ptr, e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr
         E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         dR = tl.load(dr_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         dQS += tl.dot(dO, tl.trans(S0))
-        dUS += tl.dot(E * w[:, None], tl.trans(dSC))
+        EdS += tl.dot(E, tl.trans(dSC))
         dKt -= tl.dot(dR, tl.trans(S0))
         dgc += tl.sum(S0 * dSC, 1)
     kmask = valid[:, None] & (kk[None, :] < K)
     out = tok[:, None] * K + kk[None, :]
     tl.store(dqs_ptr + out, scale * dQS, mask=kmask)
-    tl.store(dus_ptr + out, dUS, mask=kmask)
+    tl.store(eds_ptr + out, EdS, mask=kmask)
     tl.store(dkt_ptr + out, dKt, mask=kmask)
     tl.store(dgc_ptr + (pid_k * n_chunks + c) * H + h, tl.sum(dgc, 0))
 
 
 @triton.jit
-def _square_kernel(w_ptr, e_ptr, do_ptr, dr_ptr, dw_ptr, chunk_ptr, cu_ptr, da_ptr, dl_ptr, dgain_ptr,
-                   scale, H, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
-    """The C × C local terms of a chunk: dA (lower with the diagonal), dL (strictly lower), dw."""
+def _square_kernel(e_ptr, do_ptr, dr_ptr, chunk_ptr, cu_ptr, gs_ptr, dl_ptr, scale, H,
+                   V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+    """The C × C local terms of a chunk: Gs = scale·dO Eᵀ (lower with the diagonal) and
+    dL = −dR Eᵀ (strictly lower)."""
     c, h = tl.program_id(0), tl.program_id(1)
     n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -124,21 +149,86 @@ def _square_kernel(w_ptr, e_ptr, do_ptr, dr_ptr, dw_ptr, chunk_ptr, cu_ptr, da_p
     rows = bos + i * C + idx
     valid = rows < eos
     tok = rows * H + h
-    w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-    dA = tl.zeros([C, C], dtype=tl.float32)
+    G = tl.zeros([C, C], dtype=tl.float32)
     dL = tl.zeros([C, C], dtype=tl.float32)
-    dgain = tl.zeros([C], dtype=tl.float32)
     for vb in range(0, V, BV):
         vv = vb + tl.arange(0, BV)
         vmask = valid[:, None] & (vv[None, :] < V)
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
         E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         dR = tl.load(dr_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
-        dW = tl.load(dw_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
-        dA += tl.dot(dO, tl.trans(E * w[:, None]))
+        G += tl.dot(dO, tl.trans(E))
         dL -= tl.dot(dR, tl.trans(E))
-        dgain += tl.sum(E * dW, 1)
     out = tok[:, None] * C + idx[None, :]
-    tl.store(da_ptr + out, tl.where(idx[:, None] >= idx[None, :], scale * dA, 0.0), mask=valid[:, None])
+    tl.store(gs_ptr + out, tl.where(idx[:, None] >= idx[None, :], scale * G, 0.0), mask=valid[:, None])
     tl.store(dl_ptr + out, tl.where(idx[:, None] > idx[None, :], dL, 0.0), mask=valid[:, None])
-    tl.store(dgain_ptr + tok, dgain, mask=valid)
+
+
+@triton.jit
+def _reset_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, gs_ptr, dl_ptr, dqs_ptr, eds_ptr, dkt_ptr, dgc_ptr,
+                       chunk_ptr, cu_ptr, dq_ptr, dk_ptr, dg_ptr, dbeta_ptr, H,
+                       K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr):
+    """dq, dk, dg, dbeta of reset from the key-side adjoints of one chunk (U = K, w = beta):
+        A_ts = (q_t·k_s) Λ_ts,  L_ts = (k_t·k_s) Λ_ts beta_s (s < t),  Λ_ts = exp(lgΓ_t − lgΓ_s).
+    A first pass over K blocks forms Q Kᵀ, K Kᵀ and the row dots; the C × C algebra gives the
+    adjoints X of Q Kᵀ and Y of K Kᵀ, of Λ (→ log Γ → g by a reverse cumsum) and of beta; a
+    second pass forms dq = X K + Γ dQ_S and dk = Xᵀ Q + (Y + Yᵀ) K + Γ dK̃ + Λ_C· beta E dS_Cᵀ."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
+    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    idx = tl.arange(0, C)
+    rows = bos + i * C + idx
+    valid = rows < eos
+    tok = rows * H + h
+    QK = tl.zeros([C, C], dtype=tl.float32)
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    gamma_adj = tl.zeros([C], dtype=tl.float32)       # adjoint of Γ_t: q_t·dQ_S,t + k_t·dK̃_t
+    k_eds = tl.zeros([C], dtype=tl.float32)
+    for kb in range(0, K, BKB):
+        cols = kb + tl.arange(0, BKB)
+        kmask = valid[:, None] & (cols[None, :] < K)
+        off = tok[:, None] * K + cols[None, :]
+        qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        kc = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        QK += tl.dot(qc, tl.trans(kc))
+        KK += tl.dot(kc, tl.trans(kc))
+        gamma_adj += tl.sum(qc * tl.load(dqs_ptr + off, mask=kmask, other=0.0), 1)
+        gamma_adj += tl.sum(kc * tl.load(dkt_ptr + off, mask=kmask, other=0.0), 1)
+        k_eds += tl.sum(kc * tl.load(eds_ptr + off, mask=kmask, other=0.0), 1)
+    lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
+    gamma = tl.exp(lg)
+    last = _last_row(decay, C)
+    beta = tl.load(beta_ptr + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    cc = tok[:, None] * C + idx[None, :]
+    Gs = tl.load(gs_ptr + cc, mask=valid[:, None], other=0.0)
+    dL = tl.load(dl_ptr + cc, mask=valid[:, None], other=0.0)
+    strict = idx[:, None] > idx[None, :]
+    # A diag(beta) with adjoint Gs; L = I + strict(K Kᵀ ∘ Λ ∘ beta_s) with adjoint dL.
+    X = Gs * decay * beta[None, :]
+    Y = tl.where(strict, dL * decay * beta[None, :], 0.0)
+    decay_adj = Gs * QK * beta[None, :] + tl.where(strict, dL * KK * beta[None, :], 0.0)
+    beta_adj = tl.sum(Gs * QK * decay, 0) + tl.sum(tl.where(strict, dL * KK * decay, 0.0), 0)
+    # diag(Λ_C· beta) K with adjoint E dS_Cᵀ: Λ_C· is row C − 1 of Λ.
+    beta_adj += last * k_eds
+    decay_adj += tl.where(idx[:, None] == C - 1, (beta * k_eds)[None, :], 0.0)
+    # Λ_ts = exp(lgΓ_t − lgΓ_s): + to t, − to s; Γ_t = exp(lgΓ_t); Γ_C = Γ at row C − 1.
+    flow = decay_adj * decay
+    lg_adj = tl.sum(flow, 1) - tl.sum(flow, 0) + gamma * gamma_adj
+    gamma_C = tl.sum(tl.where(idx == C - 1, gamma, 0.0), 0)
+    lg_adj += tl.where(idx == C - 1, gamma_C * tl.load(dgc_ptr + c * H + h), 0.0)
+    # g_t enters every lgΓ_t' with t' ≥ t: a reverse cumulative sum.
+    dg = tl.sum(lg_adj, 0) - tl.cumsum(lg_adj, 0) + lg_adj
+    tl.store(dg_ptr + rows * H + h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
+    tl.store(dbeta_ptr + rows * H + h, beta_adj.to(dbeta_ptr.dtype.element_ty), mask=valid)
+    XY = Y + tl.trans(Y)
+    for kb in range(0, K, BKB):
+        cols = kb + tl.arange(0, BKB)
+        kmask = valid[:, None] & (cols[None, :] < K)
+        off = tok[:, None] * K + cols[None, :]
+        qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        kc = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        dq = tl.dot(X, kc) + gamma[:, None] * tl.load(dqs_ptr + off, mask=kmask, other=0.0)
+        dk = (tl.dot(tl.trans(X), qc) + tl.dot(XY, kc) + gamma[:, None] * tl.load(dkt_ptr + off, mask=kmask, other=0.0)
+              + (last * beta)[:, None] * tl.load(eds_ptr + off, mask=kmask, other=0.0))
+        tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=kmask)
+        tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
