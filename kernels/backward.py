@@ -28,7 +28,7 @@ import triton
 from titan_bayes.ops import filter_math as fm
 from titan_bayes.ops.api import _Layout
 
-from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
+from .chunk_bwd import _cov_sweep_kernel, _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
 from .chunk_fwd import _block_v, chunk_states
 
 def _boundary_states(slots, plan):
@@ -155,22 +155,21 @@ def _bayes_keys(inputs, mid, sums, plan, cu_seqlens, d_var, dP_final, scale, C):
 
 @torch.no_grad()
 def _covariance_sweep(transition, own_P, dP_final):
-    """dP_i = Φ_iᵀ sym(dP_{i+1}) Φ_i + own_i for i = n−1 … 0, from dP_n = dP_final.
+    """dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i for i = n−1 … 0, from dP_n = dP_final, all symmetrised
+    (P is symmetrised in the forward, so only sym(dP) acts on it).
 
     Φ = Γ_C I − Uᵀ B with B = diag(Λ_C· w) L⁻¹ K̃ [C, K]: a rank-C change of a multiple of I,
-    so Φᵀ X Φ costs four [C, K] × [K, K] products instead of two K × K × K ones.
+    so Φᵀ dP Φ costs a few [C, K] × [K, K] products (chunk_bwd._cov_sweep_kernel).
     Returns (the adjoints of every chunk's end covariance [N, H, n, K, K], dP_0)."""
     U, L, w, gamma, last, k = transition
-    k_tilde = gamma[..., None] * k
-    B = (last * w)[..., None] * torch.linalg.solve_triangular(
-        L, k_tilde, upper=False, unitriangular=True)
-    gamma_C = gamma[..., -1, None, None]
-    ends = torch.empty_like(own_P)
-    d = dP_final
-    for i in reversed(range(own_P.shape[2])):
-        ends[:, :, i] = d
-        d = 0.5 * (d + d.transpose(-1, -2))            # P is symmetrised: only sym(dP) acts
-        U_i, B_i, g_i = U[:, :, i], B[:, :, i], gamma_C[:, :, i]
-        right = g_i * d - (d @ U_i.transpose(-1, -2)) @ B_i             # dP Φ
-        d = g_i * right - B_i.transpose(-1, -2) @ (U_i @ right) + own_P[:, :, i]
+    N, H, n, C, K = U.shape
+    B = (last * w)[..., None] * torch.linalg.solve_triangular(L, gamma[..., None] * k, upper=False,
+                                                              unitriangular=True)
+    d = (0.5 * (dP_final + dP_final.transpose(-1, -2))).contiguous()
+    own = (0.5 * (own_P + own_P.transpose(-1, -2))).contiguous()
+    ends = torch.empty_like(own)
+    z = torch.empty(N * H, C, K, dtype=torch.float32, device=U.device)
+    BP = min(max(16, triton.next_power_of_2(K)), 64)
+    _cov_sweep_kernel[(N * H,)](U.contiguous(), B.contiguous(), gamma[..., -1].contiguous(), own, d, ends, z, n,
+                                K=K, BP=BP, C=C, num_warps=8, num_stages=1)
     return ends, d
