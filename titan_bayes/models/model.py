@@ -26,6 +26,7 @@ from titan_bayes.ops import bayes_filter
 from titan_bayes.ops import filter_math as fm
 
 from .args import BayesModelArgs
+from .recompute import doc_positions, gated_rms_norm, rms_norm, short_conv_silu, swiglu
 
 
 def _local(p: torch.Tensor, replicated: bool = False) -> torch.Tensor:
@@ -57,12 +58,41 @@ def cu_seqlens_from_doc_starts(doc_starts: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, end]).to(torch.int64)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter, same math) that keeps its input for backward, not an fp32
+    copy of it and of the normalised rows (recompute.rms_norm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:  # elementwise_affine=False: nothing of ours to save
+            return super().forward(x)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if isinstance(x, DTensor):
+            # Sequence parallel: every rank normalises its own rows; the replicated weight's
+            # gradient is then a sum over the ranks (Partial, see _local).
+            y = rms_norm(x.to_local(), _local(self.weight, replicated=True), eps)
+            return DTensor.from_local(y, x.device_mesh, x.placements, shape=x.shape, stride=x.stride())
+        return rms_norm(x, self.weight, eps)
+
+
+def _autocast_once(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, each nn.Linear casts an fp32 input to bf16 itself and keeps its own
+    copy for backward: six copies of the normed input for a B/D layer's projections. Cast
+    once here (the same values) so they share one."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.amp.is_autocast_available(device) \
+            and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time, then SiLU (fla's ShortConvolution semantics).
 
     weight [C, 1, W] as nn.Conv1d stores it; weight[:, 0, W-1] multiplies the current token.
-    Taps never reach into a previous document: with doc_starts, lag j is dropped wherever a
-    document starts in (t-j, t], so a document's outputs equal those of running it alone.
+    Taps never reach into a previous document: with doc_pos (each token's position in its
+    document), lag j is dropped where doc_pos < j, so a document's outputs equal those of
+    running it alone. With norm_dim the output is also L2-normalised per head of norm_dim
+    channels (fla's l2norm of q and k), inside the same recomputing Function.
     """
 
     def __init__(self, channels: int, width: int):
@@ -70,25 +100,11 @@ class ShortConv(nn.Module):
         self.width = width
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
 
-    def forward(self, x: torch.Tensor, doc_id: torch.Tensor | None) -> torch.Tensor:
-        T = x.shape[1]
-        if doc_id is None:
-            # One document per row: a plain depthwise convolution. It saves only its input for
-            # backward; the per-lag loop below keeps a [B, T, C] tensor per lag alive (at the
-            # 340M shape that ran a GPU out of memory).
-            weight = _local(self.weight)
-            y = F.conv1d(x.transpose(1, 2), weight, padding=self.width - 1, groups=weight.shape[0])
-            return F.silu(y[..., :T].transpose(1, 2))
-        w = _local(self.weight)[:, 0]  # [C_local, W]
-        y = x * w[:, -1]
-        for lag in range(1, self.width):
-            if lag >= T:
-                break
-            shifted = F.pad(x, (0, 0, lag, 0))[:, :T]
-            same_doc = F.pad(doc_id, (lag, 0), value=-1)[:, :T] == doc_id
-            shifted = shifted * same_doc.unsqueeze(-1).to(x.dtype)
-            y = y + shifted * w[:, -1 - lag]
-        return F.silu(y)
+    def forward(self, x: torch.Tensor, doc_pos: torch.Tensor | None = None,
+                norm_dim: int = 0) -> torch.Tensor:
+        # Saves only x for backward: a per-op formula kept the SiLU input and output (and, with
+        # documents, one masked copy of x per lag, which ran the 340M models out of memory).
+        return short_conv_silu(x, _local(self.weight), doc_pos, norm_dim)
 
     def reset_parameters(self):
         # nn.Conv1d's default: uniform(±1/sqrt(fan_in)), fan_in = W for a depthwise conv.
@@ -155,7 +171,7 @@ class FilterMixer(nn.Module):
         self.v_conv1d = ShortConv(value_dim, args.conv_size)
         self.head_params = HeadParams(args.n_heads, learned_noise=(args.process_noise == "learned"
                                                                    and mode == "bayes"))
-        self.o_norm = nn.RMSNorm(args.head_v_dim, eps=args.norm_eps)
+        self.o_norm = nn.RMSNorm(args.head_v_dim, eps=args.norm_eps)  # used via gated_rms_norm
         self.o_proj = nn.Linear(value_dim, args.dim, bias=False)
         self.process_noise = args.process_noise
         self.prior_scale = args.prior_scale
@@ -168,18 +184,12 @@ class FilterMixer(nn.Module):
     def forward(self, x: torch.Tensor, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         K, V = self.head_k_dim, self.head_v_dim
-        doc_id = None if doc_starts is None else doc_starts.to(torch.int32).cumsum(1)
-        q = self.q_conv1d(self.q_proj(x), doc_id)
-        k = self.k_conv1d(self.k_proj(x), doc_id)
-        v = self.v_conv1d(self.v_proj(x), doc_id)
+        doc_pos = None if doc_starts is None else doc_positions(doc_starts)
+        # q and k come L2-normalised per head (fla's l2norm: x / sqrt(|x|² + 1e-6), in fp32).
         # Local head count: under tensor parallelism this rank holds a slice of the heads.
-        q = q.view(B, T, -1, K)
-        k = k.view(B, T, -1, K)
-        v = v.view(B, T, -1, V)
-        # fla's l2norm: x / sqrt(|x|² + 1e-6), in fp32.
-        q, k = _up(q), _up(k)
-        q = (q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6)).to(v.dtype)
-        k = (k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)).to(v.dtype)
+        q = self.q_conv1d(self.q_proj(x), doc_pos, norm_dim=K).view(B, T, -1, K)
+        k = self.k_conv1d(self.k_proj(x), doc_pos, norm_dim=K).view(B, T, -1, K)
+        v = self.v_conv1d(self.v_proj(x), doc_pos).view(B, T, -1, V)
 
         A_log, dt_bias, noise_log = self.head_params()
         g = -A_log.exp() * F.softplus(_up(self.a_proj(x)) + dt_bias)  # [B, T, H] ≤ 0
@@ -211,7 +221,7 @@ class FilterMixer(nn.Module):
 
         gate = self.g_proj(x).view(B, T, -1, V)
         w = _local(self.o_norm.weight, replicated=True)
-        o = F.rms_norm(_up(o), (V,), eps=self.o_norm.eps).to(o.dtype) * w * F.silu(gate)
+        o = gated_rms_norm(o, gate, w, self.o_norm.eps)  # rms_norm(o) · w · silu(gate), fp32 inside
         return self.o_proj(o.reshape(B, T, -1))
 
     @torch.no_grad()
@@ -298,7 +308,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # down_proj stays a module call (tensor parallelism shards it rowwise through hooks).
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -306,17 +317,17 @@ class Block(nn.Module):
         super().__init__()
         self.letter = letter
         self.layer_id = layer_id
-        self.attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.attn = Attention(args) if letter == "A" else FilterMixer(args, args.layer_mode(letter))
-        self.mlp_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.mlp_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.mlp = SwiGLU(args.dim, args.mlp_dim)
         # GPT-2 / fla "prenorm residual rescale": the two projections that write into the
         # residual stream start smaller the deeper the network.
         self.residual_std = 0.02 / math.sqrt(2 * args.n_layers)
 
     def forward(self, x: torch.Tensor, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), doc_starts)
-        return h + self.mlp(self.mlp_norm(h))
+        h = x + self.attn(_autocast_once(self.attn_norm(x)), doc_starts)
+        return h + self.mlp(_autocast_once(self.mlp_norm(h)))
 
     def init_weights(self):
         for norm in (self.attn_norm, self.mlp_norm):
@@ -341,7 +352,7 @@ class BayesLM(nn.Module):
         self.tok_embeddings = nn.Embedding(model_args.vocab_size, model_args.dim)
         self.layers = nn.ModuleDict({str(i): Block(i, letter, model_args)
                                      for i, letter in enumerate(model_args.full_layout)})
-        self.norm = nn.RMSNorm(model_args.dim, eps=model_args.norm_eps)
+        self.norm = RMSNorm(model_args.dim, eps=model_args.norm_eps)
         self.output = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
         self.last_input = None
 
