@@ -31,6 +31,10 @@ from titan_bayes.ops.api import _Layout
 from .chunk_bwd import _cov_sweep_kernel, _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
 from .chunk_fwd import _block_v, chunk_states
 
+# Launch setting of the reverse state sweep (a module constant so a tuning script can try others).
+DSTATE_WARPS = 4
+
+
 def _boundary_states(slots, plan):
     """[n_slots, H, ...] → [N, n_max + 1, H, ...]: chunk i's start state for every document;
     past a document's last chunk (padding) its final state, which padding leaves unchanged."""
@@ -81,7 +85,7 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     dR = torch.empty(n_tok, H, V, **f32)
     _dstate_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, g, mid.u, mid.w, mid.linv, mo, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dR, scale, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, num_warps=4, num_stages=1)
+        K=K, V=V, BK=BK, BV=BV, C=C, num_warps=DSTATE_WARPS, num_stages=1)
     n_kb = triton.cdiv(K, BKB)
     dQS, EdS, dKt = (torch.empty(n_tok, H, K, **f32) for _ in range(3))
     dgc_blocks = torch.empty(n_kb, plan.n_chunks, H, **f32)

@@ -60,7 +60,13 @@ def cu_seqlens_from_doc_starts(doc_starts: torch.Tensor) -> torch.Tensor:
 
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same parameter, same math) that keeps its input for backward, not an fp32
-    copy of it and of the normalised rows (recompute.rms_norm)."""
+    copy of it and of the normalised rows (recompute.rms_norm).
+
+    On CUDA, F.rms_norm is already one fused kernel that saves only the input and a per-row
+    reciprocal norm, and it is faster than the recomputing Function (measured on an H100: a
+    340M transformer_lm step took 0.47 s with the Function, 0.42 s with the fused kernel, both
+    with an fp32 SwiGLU Function; 0.31 s once that computed in bf16), so the Function serves
+    the other devices, where F.rms_norm decomposes into fp32 ops."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:  # elementwise_affine=False: nothing of ours to save
@@ -69,9 +75,14 @@ class RMSNorm(nn.RMSNorm):
         if isinstance(x, DTensor):
             # Sequence parallel: every rank normalises its own rows; the replicated weight's
             # gradient is then a sum over the ranks (Partial, see _local).
-            y = rms_norm(x.to_local(), _local(self.weight, replicated=True), eps)
+            y = self._norm(x.to_local(), _local(self.weight, replicated=True), eps)
             return DTensor.from_local(y, x.device_mesh, x.placements, shape=x.shape, stride=x.stride())
-        return rms_norm(x, self.weight, eps)
+        return self._norm(x, self.weight, eps)
+
+    def _norm(self, x, weight, eps):
+        if x.is_cuda:
+            return F.rms_norm(x, self.normalized_shape, weight, eps)
+        return rms_norm(x, weight, eps)
 
 
 def _autocast_once(x: torch.Tensor) -> torch.Tensor:

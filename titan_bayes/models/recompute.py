@@ -230,18 +230,19 @@ def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor
 # SwiGLU gate
 
 class _SwiGLU(Function):
+    # In the inputs' dtype, as the plain formula: F.silu computes in fp32 inside and rounds
+    # once; upcasting both [T, hidden] operands to fp32 costs three more passes over them
+    # (measured on an H100, together with the fused RMSNorm below: a 340M transformer_lm step
+    # took 0.47 s with both upcasting, 0.31 s without).
     @staticmethod
     def forward(ctx, gate, up):
-        cd = _compute_dtype(gate, up)
         ctx.save_for_backward(gate, up)
-        return (F.silu(gate.to(cd)) * up.to(cd)).to(_out_dtype(gate, up))
+        return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        cd = _compute_dtype(gate, up)
-        g, u, dy = gate.to(cd), up.to(cd), dy.to(cd)
-        return (dy * u * _silu_grad(g)).to(gate.dtype), (dy * F.silu(g)).to(up.dtype)
+        return torch.ops.aten.silu_backward(dy * up, gate), dy * F.silu(gate)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
