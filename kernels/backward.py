@@ -35,6 +35,11 @@ from .chunk_fwd import _block_v, chunk_states
 DSTATE_WARPS = 4
 
 
+def _key_block(K):
+    """Width of the K blocks the chunk-parallel backward kernels loop over."""
+    return min(max(16, triton.next_power_of_2(K)), 64)
+
+
 def _boundary_states(slots, plan):
     """[n_slots, H, ...] → [N, n_max + 1, H, ...]: chunk i's start state for every document;
     past a document's last chunk (padding) its final state, which padding leaves unchanged."""
@@ -73,7 +78,7 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     f32 = dict(dtype=torch.float32, device=q.device)
     n_tok, N = B * T, plan.n_docs
     BK = max(16, triton.next_power_of_2(K))
-    BKB = min(BK, 64)
+    BKB = _key_block(K)
     BV = _block_v(K, V)
     BVL = min(64, max(16, triton.next_power_of_2(V)))
     grid_cc = (plan.n_chunks, H)
@@ -85,7 +90,7 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     dR = torch.empty(n_tok, H, V, **f32)
     _dstate_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, g, mid.u, mid.w, mid.linv, mo, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dR, scale, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, num_warps=DSTATE_WARPS, num_stages=1)
+        K=K, V=V, BK=BK, BV=BV, C=C, U_IS_K=mid.u is k, num_warps=DSTATE_WARPS, num_stages=1)
     n_kb = triton.cdiv(K, BKB)
     dQS, EdS, dKt = (torch.empty(n_tok, H, K, **f32) for _ in range(3))
     dgc_blocks = torch.empty(n_kb, plan.n_chunks, H, **f32)
@@ -102,7 +107,7 @@ def _reset_keys(q, k, g, beta, sums, plan, C):
     """dq, dk, dg, dbeta of reset: one chunk-parallel kernel (chunk_bwd._reset_keys_kernel)."""
     H, K = q.shape[2], q.shape[3]
     dq, dk, dg, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g), torch.empty_like(beta)
-    BKB = min(max(16, triton.next_power_of_2(K)), 64)
+    BKB = _key_block(K)
     _reset_keys_kernel[(plan.n_chunks, H)](
         q, k, g, beta, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"], sums["dKt"], sums["dgc"],
         plan.chunks, plan.cu, dq, dk, dg, dbeta, H, K=K, BKB=BKB, C=C, num_warps=4)
@@ -173,7 +178,7 @@ def _covariance_sweep(transition, own_P, dP_final):
     own = (0.5 * (own_P + own_P.transpose(-1, -2))).contiguous()
     ends = torch.empty_like(own)
     z = torch.empty(N * H, C, K, dtype=torch.float32, device=U.device)
-    BP = min(max(16, triton.next_power_of_2(K)), 64)
+    BP = _key_block(K)
     _cov_sweep_kernel[(N * H,)](U.contiguous(), B.contiguous(), gamma[..., -1].contiguous(), own, d, ends, z, n,
                                 K=K, BP=BP, C=C, num_warps=8, num_stages=1)
     return ends, d

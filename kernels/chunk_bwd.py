@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _chunk_decays, _last_row
+from .chunk_fwd import _chunk_decays, _chunk_tokens, _last_row
 
 
 @triton.jit
@@ -32,12 +32,8 @@ def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, linv_ptr, chunk_ptr, cu_ptr,
                         K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr):
     """Mo = scale · L⁻ᵀ diag(w) Aᵀ of one chunk, A = tril(Q Uᵀ) ∘ Λ, stored by rows [B·T, H, C]."""
     c, h = tl.program_id(0), tl.program_id(1)
-    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
-    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     idx = tl.arange(0, C)
-    rows = bos + i * C + idx
-    valid = rows < eos
-    tok = rows * H + h
     QU = tl.zeros([C, C], dtype=tl.float32)
     for kb in range(0, K, BKB):
         cols = kb + tl.arange(0, BKB)
@@ -55,7 +51,8 @@ def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, linv_ptr, chunk_ptr, cu_ptr,
 @triton.jit
 def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, mo_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
                    dh_ptr, dr_ptr, scale, H,
-                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                   U_IS_K: tl.constexpr):
     """Reverse h-loop. dh slot j receives the adjoint of the state at chunk boundary j (slot0 +
     i + 1: the end of chunk i; slot0: the initial state); also stores dR (= dV) per token."""
     pid_v, pid = tl.program_id(0), tl.program_id(1)
@@ -79,7 +76,10 @@ def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, mo_ptr, do_ptr, 
         vmask = valid[:, None] & (vv[None, :] < V)
         qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
         kc = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
-        U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+        if U_IS_K:                                              # reset writes along the keys
+            U = kc
+        else:
+            U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
         gamma = tl.exp(lg)
@@ -102,14 +102,10 @@ def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_
     """The C × K local terms for one K block of a chunk: scale·dO S0ᵀ, E dS_Cᵀ, −dR S0ᵀ, and
     this block's part of ⟨S0, dS_C⟩."""
     pid_k, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
-    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     slot = tl.load(slot_ptr + n) + i
     idx = tl.arange(0, C)
     kk = pid_k * BKB + tl.arange(0, BKB)
-    rows = bos + i * C + idx
-    valid = rows < eos
-    tok = rows * H + h
     start = h_ptr + (slot * H + h).to(tl.int64) * K * V
     end_adjoint = dh_ptr + ((slot + 1) * H + h).to(tl.int64) * K * V
     dQS = tl.zeros([C, BKB], dtype=tl.float32)
@@ -143,12 +139,8 @@ def _square_kernel(e_ptr, do_ptr, dr_ptr, chunk_ptr, cu_ptr, gs_ptr, dl_ptr, sca
     """The C × C local terms of a chunk: Gs = scale·dO Eᵀ (lower with the diagonal) and
     dL = −dR Eᵀ (strictly lower)."""
     c, h = tl.program_id(0), tl.program_id(1)
-    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
-    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     idx = tl.arange(0, C)
-    rows = bos + i * C + idx
-    valid = rows < eos
-    tok = rows * H + h
     G = tl.zeros([C, C], dtype=tl.float32)
     dL = tl.zeros([C, C], dtype=tl.float32)
     for vb in range(0, V, BV):
@@ -174,12 +166,8 @@ def _reset_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, gs_ptr, dl_ptr, dqs_ptr, e
     adjoints X of Q Kᵀ and Y of K Kᵀ, of Λ (→ log Γ → g by a reverse cumsum) and of beta; a
     second pass forms dq = X K + Γ dQ_S and dk = Xᵀ Q + (Y + Yᵀ) K + Γ dK̃ + Λ_C· beta E dS_Cᵀ."""
     c, h = tl.program_id(0), tl.program_id(1)
-    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
-    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     idx = tl.arange(0, C)
-    rows = bos + i * C + idx
-    valid = rows < eos
-    tok = rows * H + h
     QK = tl.zeros([C, C], dtype=tl.float32)
     KK = tl.zeros([C, C], dtype=tl.float32)
     gamma_adj = tl.zeros([C], dtype=tl.float32)       # adjoint of Γ_t: q_t·dQ_S,t + k_t·dK̃_t
@@ -198,7 +186,7 @@ def _reset_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, gs_ptr, dl_ptr, dqs_ptr, e
     lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
     gamma = tl.exp(lg)
     last = _last_row(decay, C)
-    beta = tl.load(beta_ptr + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     cc = tok[:, None] * C + idx[None, :]
     Gs = tl.load(gs_ptr + cc, mask=valid[:, None], other=0.0)
     dL = tl.load(dl_ptr + cc, mask=valid[:, None], other=0.0)
@@ -218,8 +206,8 @@ def _reset_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, gs_ptr, dl_ptr, dqs_ptr, e
     lg_adj += tl.where(idx == C - 1, gamma_C * tl.load(dgc_ptr + c * H + h), 0.0)
     # g_t enters every lgΓ_t' with t' ≥ t: a reverse cumulative sum.
     dg = tl.sum(lg_adj, 0) - tl.cumsum(lg_adj, 0) + lg_adj
-    tl.store(dg_ptr + rows * H + h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
-    tl.store(dbeta_ptr + rows * H + h, beta_adj.to(dbeta_ptr.dtype.element_ty), mask=valid)
+    tl.store(dg_ptr + tok, dg.to(dg_ptr.dtype.element_ty), mask=valid)
+    tl.store(dbeta_ptr + tok, beta_adj.to(dbeta_ptr.dtype.element_ty), mask=valid)
     XY = Y + tl.trans(Y)
     for kb in range(0, K, BKB):
         cols = kb + tl.arange(0, BKB)

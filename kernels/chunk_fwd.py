@@ -20,6 +20,9 @@ Passes (all fp32 state math; the matrix products run on tensor cores, TF32 for f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +43,18 @@ def _chunk_decays(g_ptr, rows, valid, h, H, C: tl.constexpr):
     # Mask before exp: above the diagonal the exponent is positive and may overflow.
     decay = tl.exp(tl.where(idx[:, None] >= idx[None, :], diff, float("-inf")))
     return lg, decay
+
+
+@triton.jit
+def _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C: tl.constexpr):
+    """Chunk c of the plan, head h: (its document n, its index i in that document, its C token
+    rows of the packed stream, which rows lie inside the document, and the rows' offsets
+    row·H + h into token-major [B·T, H, ...] tensors)."""
+    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
+    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    rows = bos + i * C + tl.arange(0, C)
+    valid = rows < eos
+    return n, i, rows, valid, rows * H + h
 
 
 @triton.jit
@@ -101,17 +116,18 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
     for i in range(tl.cdiv(eos - bos, C)):
         rows = bos + i * C + idx
         valid = rows < eos
+        tok = rows * H + h
         kmask = valid[:, None] & (kk[None, :] < K)
-        kc = tl.load(k_ptr + (rows * H + h)[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+        kc = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
         lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
         gamma = tl.exp(lg)
-        noise = tl.load(noise_ptr + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+        noise = tl.load(noise_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         d = tl.sum(decay * decay * noise[None, :], 1)          # d_t = Σ_j Λ_tj² q_j
-        beta = tl.load(beta_ptr + rows * H + h, mask=valid, other=0.5).to(tl.float32)
+        beta = tl.load(beta_ptr + tok, mask=valid, other=0.5).to(tl.float32)
         r = tl.where(valid, tl.maximum((1.0 - beta) / beta, R_MIN), 1.0)
         k_tilde = kc * gamma[:, None]
         if WITH_VARIANCE:
-            qc = tl.load(q_ptr + (rows * H + h)[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+            qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
             q_P_q = tl.zeros([C], dtype=tl.float32)
         p_base = p_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * K
         # S = K̃ P0 K̃ᵀ and X, one column block of P0 at a time.
@@ -121,12 +137,12 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
             cmask = cols < K
             P_blk = tl.load(p_base + kk[:, None] * K + cols[None, :], mask=(kk[:, None] < K) & cmask[None, :], other=0.0)
             kP = tl.dot(k_tilde, P_blk)                        # [C, BP] block of K̃ P0
-            k_blk = tl.load(k_ptr + (rows * H + h)[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            k_blk = tl.load(k_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             S += tl.dot(kP, tl.trans(k_blk * gamma[:, None]))
             X = gamma[:, None] * kP + d[:, None] * k_blk       # rows Γ_t² P0 k_t + d_t k_t
             tl.store(x_base + idx[:, None] * K + cols[None, :], X, mask=cmask[None, :])
             if WITH_VARIANCE:
-                q_blk = tl.load(q_ptr + (rows * H + h)[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                q_blk = tl.load(q_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
                 q_P_q += tl.sum(tl.dot(qc, P_blk) * q_blk, 1)
         # Process noise between observations: (K Kᵀ) ∘ Ψ, Ψ_ts = Λ_ts d_s for t ≥ s, symmetric.
         psi = decay * d[None, :]
@@ -135,7 +151,6 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         S = 0.5 * (S + tl.trans(S)) + tl.where(idx[:, None] == idx[None, :], r[None, :], 0.0)
         Linv, D = _ldl_inverse(S, C)
         w = 1.0 / D
-        tok = rows * H + h
         tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
         tl.store(w_ptr + tok, w, mask=valid)
         if WITH_VARIANCE:
@@ -191,19 +206,16 @@ def _reset_system_kernel(k_ptr, g_ptr, beta_ptr, chunk_ptr, cu_ptr, linv_ptr, H,
                          K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
     """L⁻¹ of the gated delta rule's chunk system L = I + strict_tril((K Kᵀ) ∘ Λ ∘ beta_s)."""
     c, h = tl.program_id(0), tl.program_id(1)
-    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
-    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     idx = tl.arange(0, C)
     kk = tl.arange(0, BK)
-    rows = bos + i * C + idx
-    valid = rows < eos
-    kc = tl.load(k_ptr + (rows * H + h)[:, None] * K + kk[None, :], mask=valid[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + rows * H + h, mask=valid, other=0.0).to(tl.float32)
+    kc = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=valid[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
     A = tl.dot(kc, tl.trans(kc)) * decay * beta[None, :]
     A = tl.where(idx[:, None] > idx[None, :], A, 0.0)
     Linv = _unit_lower_inverse(A, C)
-    tl.store(linv_ptr + (rows * H + h)[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
+    tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
 
 
 @triton.jit
@@ -255,15 +267,11 @@ def _output_kernel(q_ptr, g_ptr, u_ptr, w_ptr, e_ptr, h_ptr, vpri_ptr, chunk_ptr
     """O = scale · [diag(Γ) Q S0 + (tril(Q Uᵀ) ∘ Λ) diag(w) E]; with variance, also
     scale² · [prior part − Σ_s (Q Uᵀ ∘ Λ)_ts² w_s] (filter_math.chunk_variance)."""
     pid_v, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
-    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     slot = tl.load(slot_ptr + n) + i
     idx = tl.arange(0, C)
     kk = tl.arange(0, BK)
     vv = pid_v * BV + tl.arange(0, BV)
-    rows = bos + i * C + idx
-    valid = rows < eos
-    tok = rows * H + h
     kmask = valid[:, None] & (kk[None, :] < K)
     vmask = valid[:, None] & (vv[None, :] < V)
     qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
@@ -336,6 +344,7 @@ def _check_pivots(w):
             "initial P is not positive definite; keep beta <= 0.999 or raise prior_scale.")
 
 
+@dataclass
 class Intermediates:
     """What the first two forward passes leave behind, token-major [B·T, H, ...] fp32 unless
     noted: the chunk-boundary states h_slots [n_slots, H, K, V] and p_slots [n_slots, H, K, K]
@@ -343,8 +352,13 @@ class Intermediates:
     beta), L⁻¹ of every chunk's system [B·T, H, C], innovations e [B·T, H, V] and the prior part
     of the predictive variance vpri (bayes with output_variance, else None)."""
 
-    def __init__(self, h_slots, p_slots, u, w, linv, e, vpri):
-        self.h_slots, self.p_slots, self.u, self.w, self.linv, self.e, self.vpri = h_slots, p_slots, u, w, linv, e, vpri
+    h_slots: torch.Tensor
+    p_slots: Optional[torch.Tensor]
+    u: torch.Tensor
+    w: torch.Tensor
+    linv: torch.Tensor
+    e: torch.Tensor
+    vpri: Optional[torch.Tensor]
 
 
 def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size):
