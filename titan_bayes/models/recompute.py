@@ -9,7 +9,9 @@ own, in at least fp32 (fp64 stays fp64, so gradcheck applies), rounded once at t
 outputs equal the formulas' to float rounding.
 
 No Function holds a matmul (those stay nn.Linear modules, which tensor parallelism and FSDP
-hook into), so what is recomputed is a few elementwise passes.
+hook into), so what is recomputed is a few elementwise passes. On CUDA (bf16, fp16, fp32) the
+short convolution and the gated norm run as fused Triton kernels (kernels/layer.py, the same
+formulas); the PyTorch code below serves every other device and dtype and is their oracle.
 
     rms_norm(x, weight, eps)               x · rsqrt(mean(x²) + eps) · weight
     gated_rms_norm(o, gate, weight, eps)   rms_norm(o) · weight · silu(gate)
@@ -28,6 +30,12 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 L2_EPS = 1e-6  # fla's l2norm: x / sqrt(|x|² + 1e-6)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _on_kernels(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernels of kernels/layer.py take these tensors (CUDA, not fp64)."""
+    return all(t.is_cuda and t.dtype in KERNEL_DTYPES for t in tensors)
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -96,6 +104,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class _GatedRMSNorm(Function):
     @staticmethod
     def forward(ctx, o, gate, weight, eps):
+        if _on_kernels(o, gate, weight):
+            from titan_bayes.kernels.layer import gated_norm_forward
+            y, rstd = gated_norm_forward(o, gate, weight, eps, _out_dtype(o, gate, weight))
+            ctx.save_for_backward(o, gate, weight, rstd)
+            return y
         cd = _compute_dtype(o, gate, weight)
         o32 = o.to(cd)
         rstd = torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + eps)
@@ -106,6 +119,10 @@ class _GatedRMSNorm(Function):
     @staticmethod
     def backward(ctx, dy):
         o, gate, weight, rstd = ctx.saved_tensors
+        if _on_kernels(o, gate, weight):
+            from titan_bayes.kernels.layer import gated_norm_backward
+            do, dgate, dw = gated_norm_backward(o, gate, weight, rstd, dy)
+            return do, dgate, dw.to(weight.dtype) if ctx.needs_input_grad[2] else None, None
         cd = rstd.dtype
         n, g, w, dy = o.to(cd) * rstd, gate.to(cd), weight.to(cd), dy.to(cd)
         s = F.silu(g)
@@ -192,12 +209,15 @@ def _l2_backward(u: torch.Tensor, norm_dim: int, dy: torch.Tensor) -> torch.Tens
 class _ShortConvSiLU(Function):
     @staticmethod
     def forward(ctx, x, weight, doc_pos, norm_dim):
+        ctx.save_for_backward(x, weight, doc_pos)
+        ctx.norm_dim = norm_dim
+        if _on_kernels(x, weight):
+            from titan_bayes.kernels.layer import short_conv_forward
+            return short_conv_forward(x, weight, doc_pos, norm_dim)
         cd = _compute_dtype(x, weight)
         y = F.silu(_causal_conv(x.to(cd), weight.to(cd), doc_pos))
         if norm_dim:
             y = _l2_normalize(y, norm_dim)
-        ctx.save_for_backward(x, weight, doc_pos)
-        ctx.norm_dim = norm_dim
         # Contiguous: the filter takes contiguous q, k, v (a strided output would be copied,
         # and the copy kept, there).
         return y.to(x.dtype).contiguous()
@@ -205,6 +225,10 @@ class _ShortConvSiLU(Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, doc_pos = ctx.saved_tensors
+        if _on_kernels(x, weight):
+            from titan_bayes.kernels.layer import short_conv_backward
+            dx, dw = short_conv_backward(x, weight, doc_pos, ctx.norm_dim, dy)
+            return dx, dw.to(weight.dtype), None, None
         cd = _compute_dtype(x, weight)
         x32, w32 = x.to(cd), weight.to(cd)
         z = _causal_conv(x32, w32, doc_pos)
