@@ -1,5 +1,4 @@
-"""Backward of the chunked filter: Triton kernels for everything that touches values (V) and
-for the key side of reset; autograd only for the key side of bayes (its covariance graph).
+"""Backward of the chunked filter, all in Triton kernels (no autograd).
 
 1. The forward's first two passes rerun (chunk_fwd.chunk_states) and give the chunk-boundary
    states, the write directions U, gains w, L⁻¹ and innovations E; the forward saves only
@@ -9,15 +8,16 @@ for the key side of reset; autograd only for the key side of bayes (its covarian
    key-side products (A diag(w), L, diag(Λ_C· w) U, diag(Γ) Q, K̃, Γ_C; see that module).
 3. Those products are functions of (q, k, g, beta) alone for reset: `_reset_keys_kernel`
    differentiates them by hand. For bayes they also depend on the process noise and the
-   chunk's start covariance P_i: filter_math rebuilds them for all chunks at once under
-   autograd, and vector-Jacobian products turn their adjoints into input gradients.
+   chunk's start covariance P_i: bayes_keys.py recomputes each chunk's factorisation adjoint
+   by hand (the derivation is in that module) from the saved L⁻¹, w, U and P_i.
 4. bayes also carries the covariance adjoint across chunks. With Kalman-optimal gains the
    first-order change of the gains drops out of the covariance update
    (d(P̄ − P̄kkᵀP̄/s) = (I − ukᵀ/s) dP̄ (I − ukᵀ/s)ᵀ), so P_{i+1} moves by Φ_i dP_i Φ_iᵀ, with
    Φ_i = Γ_C I − Uᵀ diag(Λ_C· w) L⁻¹ K̃ the chunk's closed-loop transition (the same Φ that
    carries the mean: S_{i+1} = Φ_i S_i + terms free of S_i). Hence
        dP_i = Φ_iᵀ dP_{i+1} Φ_i + (the chunk's own terms in P_i),
-   a sweep that needs each chunk's own terms first: one extra VJP, before the full one.
+   a sweep that needs each chunk's own terms first: one chunk-parallel kernel for them, the
+   sweep, then one for all input gradients given each chunk's end-covariance adjoint.
 """
 
 from __future__ import annotations
@@ -26,26 +26,20 @@ import torch
 import triton
 
 from titan_bayes.ops import filter_math as fm
-from titan_bayes.ops.api import _Layout
 
-from .chunk_bwd import _cov_sweep_kernel, _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
+from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel
+from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
 from .chunk_fwd import _block_v, chunk_states
 
-# Launch setting of the reverse state sweep (a module constant so a tuning script can try others).
+# Launch settings (module constants so a tuning script can try others): the reverse state sweep,
+# bayes' key-side kernels (bayes_keys.py: own terms, covariance sweep, input gradients).
 DSTATE_WARPS = 4
+OWN_WARPS, COV_SWEEP_WARPS, KEYS_WARPS = 4, 8, 8
 
 
 def _key_block(K):
     """Width of the K blocks the chunk-parallel backward kernels loop over."""
     return min(max(16, triton.next_power_of_2(K)), 64)
-
-
-def _boundary_states(slots, plan):
-    """[n_slots, H, ...] → [N, n_max + 1, H, ...]: chunk i's start state for every document;
-    past a document's last chunk (padding) its final state, which padding leaves unchanged."""
-    i = torch.arange(plan.max_chunks + 1, device=slots.device)
-    index = plan.slot0.long()[:, None] + torch.minimum(i[None, :], plan.per_doc[:, None])
-    return slots[index]
 
 
 def chunk_backward(mode, inputs, S0, P0, plan, cu_seqlens, grads, scale, output_variance, chunk_size):
@@ -65,7 +59,7 @@ def chunk_backward(mode, inputs, S0, P0, plan, cu_seqlens, grads, scale, output_
         dq, dk, dg, dbeta = _reset_keys(q, k, g, beta, sums, plan, C)
         return dq, dk, dv, dg, dbeta, torch.zeros_like(noise), dS0, None
     d_var = d_var if output_variance else None
-    dq, dk, dg, dbeta, dnoise, dP0 = _bayes_keys(inputs, mid, sums, plan, cu_seqlens, d_var, dP_final, scale, C)
+    dq, dk, dg, dbeta, dnoise, dP0 = _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C)
     return dq, dk, dv, dg, dbeta, dnoise, dS0, dP0
 
 
@@ -114,71 +108,41 @@ def _reset_keys(q, k, g, beta, sums, plan, C):
     return dq, dk, dg, dbeta
 
 
-def _bayes_keys(inputs, mid, sums, plan, cu_seqlens, d_var, dP_final, scale, C):
-    """dq, dk, dg, dbeta, dnoise and dP0 of bayes: filter_math rebuilds the key-side quantities
-    of every chunk ([N, H, n, C, ...]) under autograd from the chunked inputs and their start
-    covariances; one VJP gives each chunk's own terms in P_i for the covariance sweep, a
-    second one everything."""
+def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
+    """dq, dk, dg, dbeta, dnoise and dP0 of bayes, in three launches (bayes_keys.py): each
+    chunk's own terms in its start covariance P_i (as rank-2C factors), the covariance sweep
+    dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i over the chunks of every document, and every chunk's input
+    gradients given the adjoint of its end covariance."""
     q, k, v, g, beta, noise = inputs
     B, T, H, K = q.shape
-    N = plan.n_docs
-    layout = _Layout(cu_seqlens, T, C)
-    n = layout.padded // C
-
-    def chunked(x, fill=0.0):  # token-major [B, T, H, ...] → [N, H, n, C, ...] fp32
-        x = layout._pack_one(x.float(), fill)
-        return x.reshape(x.shape[0], H, n, C, *x.shape[3:])
-
-    leaves = [chunked(x, fill).requires_grad_() for x, fill in zip((q, k, g, beta, noise), (0.0, 0.0, 0.0, 0.5, 0.0))]
-    adj = {name: chunked(sums[name].view(B, T, H, -1)) for name in ("Gs", "dL", "dQS", "EdS", "dKt")}
-    dgc = torch.zeros(N, plan.max_chunks, H, dtype=torch.float32, device=q.device)
-    chunks = plan.chunks.long()
-    dgc[chunks[:, 0], chunks[:, 1]] = sums["dgc"]
-    P_i = _boundary_states(mid.p_slots, plan)[:, :n].transpose(1, 2).contiguous().requires_grad_()
-    dP_final = P_i.new_zeros(N, H, K, K) if dP_final is None else dP_final.float()
-    with torch.enable_grad():
-        qc, kc, gc, bc, nc = leaves
-        log_gamma, decay = fm.chunk_decays(gc)
-        gamma = log_gamma.exp()
-        d = fm.accumulated_noise(decay, nc)
-        L, w, U, P_C, _ = fm.chunk_covariance(kc, P_i, log_gamma, decay, d, fm.observation_noise(bc))
-        last = decay[..., -1, :]                                   # Λ_C,s
-        outs = [(qc @ U.transpose(-1, -2)) * decay * w[..., None, :], L, (last * w)[..., None] * U,
-                gamma[..., None] * qc, gamma[..., None] * kc, gamma[..., -1]]
-        adjs = [adj["Gs"], adj["dL"], adj["EdS"], adj["dQS"], adj["dKt"], dgc.transpose(1, 2)]
-        if d_var is not None:
-            outs.append(fm.chunk_variance(qc, P_i, log_gamma, decay, d, U, w, scale))
-            adjs.append(chunked(d_var.view(B, T, H)))
-        (own_P,) = torch.autograd.grad(outs, [P_i], adjs, retain_graph=True)
-        transition = (U.detach(), L.detach(), w.detach(), gamma.detach(), last.detach(), kc.detach())
-        dP_ends, dP0 = _covariance_sweep(transition, own_P, dP_final)
-        got = torch.autograd.grad(outs + [P_C], leaves, adjs + [dP_ends])
-
-    def unchunked(gr, like):
-        gr = gr.reshape(gr.shape[0], H, n * C, *gr.shape[4:])
-        gr = layout.unpack(gr if gr.dim() == 4 else gr[..., None])
-        return (gr if like.dim() == 4 else gr[..., 0]).to(like.dtype).contiguous()
-
-    return (*(unchunked(gr, x) for gr, x in zip(got, (q, k, g, beta, noise))), dP0)
-
-
-@torch.no_grad()
-def _covariance_sweep(transition, own_P, dP_final):
-    """dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i for i = n−1 … 0, from dP_n = dP_final, all symmetrised
-    (P is symmetrised in the forward, so only sym(dP) acts on it).
-
-    Φ = Γ_C I − Uᵀ B with B = diag(Λ_C· w) L⁻¹ K̃ [C, K]: a rank-C change of a multiple of I,
-    so Φᵀ dP Φ costs a few [C, K] × [K, K] products (chunk_bwd._cov_sweep_kernel).
-    Returns (the adjoints of every chunk's end covariance [N, H, n, K, K], dP_0)."""
-    U, L, w, gamma, last, k = transition
-    N, H, n, C, K = U.shape
-    B = (last * w)[..., None] * torch.linalg.solve_triangular(L, gamma[..., None] * k, upper=False,
-                                                              unitriangular=True)
-    d = (0.5 * (dP_final + dP_final.transpose(-1, -2))).contiguous()
-    own = (0.5 * (own_P + own_P.transpose(-1, -2))).contiguous()
-    ends = torch.empty_like(own)
-    z = torch.empty(N * H, C, K, dtype=torch.float32, device=U.device)
-    BP = _key_block(K)
-    _cov_sweep_kernel[(N * H,)](U.contiguous(), B.contiguous(), gamma[..., -1].contiguous(), own, d, ends, z, n,
-                                K=K, BP=BP, C=C, num_warps=8, num_stages=1)
-    return ends, d
+    n_tok, N = B * T, plan.n_docs
+    f32 = dict(dtype=torch.float32, device=q.device)
+    BKB = _key_block(K)
+    VAR = d_var is not None
+    dvar = d_var.contiguous() if VAR else mid.w              # a placeholder pointer without variance
+    grid_cc = (plan.n_chunks, H)
+    G, Bf = torch.empty(n_tok, H, K, **f32), torch.empty(n_tok, H, K, **f32)
+    _bayes_own_kernel[grid_cc](q, k, g, mid.u, mid.w, mid.linv, sums["Gs"], sums["dL"], sums["EdS"], dvar,
+                               plan.chunks, plan.cu, G, Bf, scale, H, K=K, BKB=BKB, C=C, VAR=VAR, num_warps=OWN_WARPS)
+    # dP in state slots like P: slot slot0 + i + 1 ends as the adjoint of chunk i's end covariance.
+    dp_slots = torch.empty_like(mid.p_slots)
+    final = plan.slot0.long() + plan.per_doc
+    if dP_final is None:
+        dp_slots[final] = 0.0
+    else:
+        dP_final = dP_final.float()
+        dp_slots[final] = 0.5 * (dP_final + dP_final.transpose(-1, -2))
+    z = torch.empty(N * H, C, K, **f32)
+    _cov_sweep_kernel[(N * H,)](mid.u, Bf, k, q, g, G, dvar, plan.cu, plan.slot0, dp_slots, z, scale, H,
+                                K=K, BP=BKB, C=C, VAR=VAR, num_warps=COV_SWEEP_WARPS, num_stages=1)
+    dP0 = dp_slots[plan.slot0.long()]
+    dq, dk, dg, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g), torch.empty_like(beta)
+    dnoise = torch.empty_like(noise)
+    Zs, F = G, Bf                                             # scratch, free again after the sweep
+    kpart = torch.empty(n_tok, H, K, **f32)
+    _bayes_keys_kernel[grid_cc](
+        q, k, g, beta, noise, mid.u, mid.w, mid.linv, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],
+        sums["dKt"], sums["dgc"], dvar, mid.p_slots, dp_slots, plan.chunks, plan.cu, plan.slot0,
+        Zs, F, kpart, dq, dk, dg, dbeta, dnoise, scale, H,
+        K=K, BKB=BKB, C=C, R_MIN=fm.R_MIN, VAR=VAR, num_warps=KEYS_WARPS)
+    return dq, dk, dg, dbeta, dnoise, dP0

@@ -16,7 +16,8 @@ and `_square_kernel` (C × C results) form: the adjoints of the chunk's key-side
     A diag(w) ← Gs = scale · dO Eᵀ,    L ← dL = −dR Eᵀ (strictly lower: E = L⁻¹ R),
     diag(Λ_C· w) U ← E dS_Cᵀ,   diag(Γ) Q ← scale · dO S0ᵀ,   K̃ ← −dR S0ᵀ,   Γ_C ← ⟨S0, dS_C⟩.
 For reset `_reset_keys_kernel` turns these into dq, dk, dg, dbeta (the formulas are in it);
-bayes hands them to autograd on the per-chunk covariance graph (backward.py).
+for bayes the kernels of bayes_keys.py do (through the chunk's LDLᵀ factorisation and its
+covariance).
 """
 
 from __future__ import annotations
@@ -220,65 +221,3 @@ def _reset_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, gs_ptr, dl_ptr, dqs_ptr, e
               + (last * beta)[:, None] * tl.load(eds_ptr + off, mask=kmask, other=0.0))
         tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=kmask)
         tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-
-
-@triton.jit
-def _cov_sweep_kernel(u_ptr, b_ptr, gc_ptr, own_ptr, d_ptr, ends_ptr, z_ptr, n_chunks,
-                      K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr):
-    """The covariance adjoint sweep of bayes for one (document, head), carrying dP in place in
-    d_ptr (which ends as dP_0); ends_ptr receives the adjoint of every chunk's end covariance.
-
-    With Φ = Γ_C I − Uᵀ B (backward.py) and symmetric dP, Z = U dP [C, K], W = Z Uᵀ [C, C]:
-        Φᵀ dP Φ = Γ_C² dP − Γ_C (Bᵀ Z + Zᵀ B) + Bᵀ W B,
-    a pass over dP's tiles to form Z and W, then one to update every tile."""
-    pid = tl.program_id(0)
-    idx = tl.arange(0, C)
-    pp = tl.arange(0, BP)
-    d_base = d_ptr + pid.to(tl.int64) * K * K
-    z_base = z_ptr + pid.to(tl.int64) * C * K
-    for j in range(n_chunks):
-        i = n_chunks - 1 - j
-        chunk = pid.to(tl.int64) * n_chunks + i
-        u_base = u_ptr + chunk * C * K
-        b_base = b_ptr + chunk * C * K
-        own_base = own_ptr + chunk * K * K
-        end_base = ends_ptr + chunk * K * K
-        gamma_C = tl.load(gc_ptr + chunk)
-        W = tl.zeros([C, C], dtype=tl.float32)
-        for jb in range(0, K, BP):
-            cols = jb + pp
-            cmask = cols < K
-            Z = tl.zeros([C, BP], dtype=tl.float32)
-            for ib in range(0, K, BP):
-                r_idx = ib + pp
-                rmask = r_idx < K
-                tile_off = r_idx[:, None] * K + cols[None, :]
-                tile_mask = rmask[:, None] & cmask[None, :]
-                tile = tl.load(d_base + tile_off, mask=tile_mask, other=0.0)
-                tl.store(end_base + tile_off, tile, mask=tile_mask)
-                U_i = tl.load(u_base + idx[:, None] * K + r_idx[None, :], mask=rmask[None, :], other=0.0)
-                Z += tl.dot(U_i, tile)
-            tl.store(z_base + idx[:, None] * K + cols[None, :], Z, mask=cmask[None, :])
-            U_j = tl.load(u_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
-            W += tl.dot(Z, tl.trans(U_j))
-        tl.debug_barrier()                                     # Z read back by other threads
-        for ib in range(0, K, BP):
-            r_idx = ib + pp
-            rmask = r_idx < K
-            B_i = tl.load(b_base + idx[:, None] * K + r_idx[None, :], mask=rmask[None, :], other=0.0)
-            Z_i = tl.load(z_base + idx[:, None] * K + r_idx[None, :], mask=rmask[None, :], other=0.0)
-            BW = tl.dot(tl.trans(B_i), W)                      # [BP, C]
-            for jb in range(0, K, BP):
-                cols = jb + pp
-                cmask = cols < K
-                tile_off = r_idx[:, None] * K + cols[None, :]
-                tile_mask = rmask[:, None] & cmask[None, :]
-                B_j = tl.load(b_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
-                Z_j = tl.load(z_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
-                tile = tl.load(d_base + tile_off, mask=tile_mask, other=0.0)
-                own = tl.load(own_base + tile_off, mask=tile_mask, other=0.0)
-                tile = (gamma_C * gamma_C * tile
-                        - gamma_C * (tl.dot(tl.trans(B_i), Z_j) + tl.dot(tl.trans(Z_i), B_j))
-                        + tl.dot(BW, B_j) + own)
-                tl.store(d_base + tile_off, tile, mask=tile_mask)
-        tl.debug_barrier()                                     # the next chunk reads the new dP

@@ -107,6 +107,16 @@ def case_bayes_bf16_inputs():
                     grads=False), BF16_TOL
 
 
+def case_bayes_keys_several_key_blocks_varlen_variance():
+    # K = 80 > 64: the key-side backward kernels loop over two K blocks (one partial) and over
+    # 2 × 2 tiles of P and dP, as at K = 128 / 256; with P0, learned noise, variance and documents.
+    inputs = make_inputs(B=1, T=50, H=1, K=80, V=16, seed=15)
+    cu = torch.tensor([0, 21, 50])
+    noise = 0.1 * torch.rand(1, 50, 1, generator=torch.Generator().manual_seed(16))
+    return _compare("bayes", inputs, cu_seqlens=cu, initial_state=(None, random_covariance(2, 1, 80)),
+                    process_noise=noise), FP32_TOL
+
+
 def case_bayes_odd_head_sizes():
     return _compare("bayes", make_inputs(B=1, T=40, H=1, K=20, V=24, seed=12)), FP32_TOL
 

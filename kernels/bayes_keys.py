@@ -1,0 +1,393 @@
+"""Triton kernels of the key side of bayes' backward: dq, dk, dg, dbeta, dnoise and dP0.
+
+Per chunk (filter_math.chunk_covariance, stable form; P = the chunk's start covariance P_i):
+    Λ_ts = Γ_t / Γ_s (t ≥ s),   d_t = Σ_j Λ_tj² q_j,   K̃ = diag(Γ) K,   r = (1 − β) / β
+    S   = K̃ P K̃ᵀ + (K Kᵀ) ∘ Ψ + diag(r) = L D Lᵀ,   w = 1 / D,   Ψ_ts = Λ_ts d_s (t ≥ s, symmetric)
+    X   = diag(Γ) K̃ P + diag(d) K,   U = M⁻¹ X with M = L ∘ Λ (M⁻¹ = L⁻¹ ∘ Λ)
+    P_C = Γ_C² P + d_C I − Uᵀ diag(Λ_C·² w) U
+The value kernels (chunk_bwd.py) give the adjoints of the products the readout uses:
+    Â diag(w) ← Gs (Â = (Q Uᵀ) ∘ Λ),   L ← dL,   diag(Λ_C· w) U ← E dS_Cᵀ,   diag(Γ) Q ← dQS,
+    K̃ ← dKt,   Γ_C ← dgc,   and with output_variance the variance
+    var_t = scale² (Γ_t² q_tᵀ P q_t + d_t |q_t|² − Σ_s Â_ts² w_s) ← dvar,
+and the covariance sweep gives the adjoint D̄ (symmetric) of P_C. Reverse mode, in the order
+the kernels run it (a bar is an adjoint; Λ̄ and the log-decay adjoint lḡ collect along the way):
+  1. Â diag(w) and the variance: dÂ = diag(·) (Gs − 2 scale² diag(dvar) Â) diag(w), so
+     Ū += Yᵀ Q, q̄ += Y U with Y = dÂ ∘ Λ; w̄_s = Σ_t Gs_ts Â_ts − scale² Σ_t dvar_t Â_ts².
+  2. diag(Λ_C· w) U and P_C's −Uᵀ diag(Λ_C·² w) U, with Z = U D̄: Ū += diag(Λ_C· w) E dS_Cᵀ
+     − 2 diag(Λ_C·² w) Z; w̄ and Λ̄_C· get the matching row dots u·EdS and u·Z.
+  3. U = M⁻¹ X: X̄ = M⁻ᵀ Ū, M̄ = −X̄ Uᵀ (strictly lower: M is unit lower), L̄ += M̄ ∘ Λ,
+     Λ̄ += M̄ ∘ L. Only X̄ Uᵀ = M⁻ᵀ (Ū Uᵀ) is needed here, a C × C product of the chunk's
+     Q Uᵀ, EdS Uᵀ, Z Uᵀ; X̄ itself is formed per K block later.
+  4. S = L D Lᵀ (the Cholesky adjoint in LDLᵀ form): with dS = dL D Lᵀ + L dD Lᵀ + L D dLᵀ,
+     L⁻¹ dS L⁻ᵀ has strictly lower part (L⁻¹ dL) D and diagonal dD, hence
+         S̄ = sym(L⁻ᵀ Ω L⁻¹),   Ω = strict(Lᵀ L̄) D⁻¹ + diag(D̄),   D̄ = −w̄ w².
+  5. S: r̄ = diag(S̄) → β̄ = −r̄ / β² (where r is not clamped); Ψ̄ = S̄ ∘ K Kᵀ → d̄, Λ̄;
+     K̃̄ += 2 S̄ K̃ P, k̄ += 2 (S̄ ∘ Ψ) K.  X: K̃̄ += diag(Γ) X̄ P, k̄ += diag(d) X̄, d̄ += k·X̄,
+     and the explicit Γ_t of X gives lḡ_t += X̄_t · (X_t − d_t k_t) (= Γ_t X̄_t · (K̃ P)_t).
+     Both P products are one: K̃̄ = dKt + F P with F = 2 S̄ K̃ + diag(Γ) X̄ (P symmetric).
+     P_C: Γ̄_C += 2 Γ_C ⟨P, D̄⟩, d̄_C += tr D̄. The variance: q̄ += 2 scale² dvar (Γ² P q + d q).
+  6. The chunk's own terms in P (everything but P_C, for the sweep): K̃ᵀ S̄ K̃ + K̃ᵀ diag(Γ) X̄
+     + scale² Q̃ᵀ diag(dvar) Q̃ = K̃ᵀ G + scale² Q̃ᵀ diag(dvar) Q̃, G = S̄ K̃ + diag(Γ) X̄, Q̃ = diag(Γ) Q:
+     rank 2C, so the sweep takes the factors instead of K × K matrices.
+  7. d_t = Σ_j Λ_tj² q_j: q̄_j = Σ_t d̄_t Λ_tj², Λ̄_tj += 2 d̄_t Λ_tj q_j. Λ_ts = exp(lgΓ_t − lgΓ_s):
+     lḡ += rowsum(Λ̄ ∘ Λ) − colsum(Λ̄ ∘ Λ); Γ_t: lḡ_t += Γ_t Γ̄_t (q·dQS, K̃·K̃̄, Γ_C); g → reverse cumsum.
+The two passes: `_bayes_own_kernel` runs 1–4 without P_C's terms and stores G and the sweep's
+B (below); `_cov_sweep_kernel` carries dP backwards over the chunks; `_bayes_keys_kernel` runs
+everything with D̄ = the adjoint of each chunk's end covariance.
+
+The C × C algebra of steps 1–4 uses exact fp32 products (input_precision "ieee": triangular
+factors can have large entries and these products are cheap); the C × K and K × K products
+use the default (TF32 on tensor cores), as the forward does.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .chunk_fwd import _chunk_decays, _chunk_tokens, _last_row, _unit_lower_inverse
+
+
+@triton.jit
+def _mm(a, b):
+    """An exact fp32 product for the C × C factor algebra."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _chunk_square(linv_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C: tl.constexpr, VAR: tl.constexpr):
+    """L⁻¹, w and the C × C adjoints Gs, dL (and dvar) of a chunk. Padded rows get the values of
+    the forward's padding (an identity row of L⁻¹, gain 1) and zero adjoints."""
+    idx = tl.arange(0, C)
+    cc = tok[:, None] * C + idx[None, :]
+    eye = idx[:, None] == idx[None, :]
+    Linv = tl.load(linv_ptr + cc, mask=valid[:, None], other=0.0)
+    Linv = tl.where(valid[:, None], Linv, tl.where(eye, 1.0, 0.0))
+    w = tl.load(w_ptr + tok, mask=valid, other=1.0)
+    Gs = tl.load(gs_ptr + cc, mask=valid[:, None], other=0.0)
+    dL = tl.load(dl_ptr + cc, mask=valid[:, None], other=0.0)
+    if VAR:
+        dv = tl.load(dvar_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    else:
+        dv = tl.zeros([C], dtype=tl.float32)
+    return Linv, w, Gs, dL, dv
+
+
+@triton.jit
+def _square_adjoints(QU, EU, ZU, uE, uZu, Gs, dL, dv, Linv, w, decay, last, scale,
+                     C: tl.constexpr, VAR: tl.constexpr, PC: tl.constexpr):
+    """Steps 1–4 of the module docstring for one chunk. Returns Y = dÂ ∘ Λ (q̄ = Y U, Ū ∋ Yᵀ Q),
+    M⁻¹ = L⁻¹ ∘ Λ, L, S̄ (symmetric) and Λ̄ so far. PC: include P_C's terms (ZU = Z Uᵀ,
+    uZu = row dots u·Z)."""
+    idx = tl.arange(0, C)
+    strict = idx[:, None] > idx[None, :]
+    eye = idx[:, None] == idx[None, :]
+    # 1. Â diag(w) ← Gs; the variance's −scale² Σ_s Â_ts² w_s ← dvar.
+    A = QU * decay
+    if VAR:
+        dA = (Gs - 2.0 * scale * scale * dv[:, None] * A) * w[None, :]
+        wbar = tl.sum(Gs * A - scale * scale * dv[:, None] * A * A, 0)
+    else:
+        dA = Gs * w[None, :]
+        wbar = tl.sum(Gs * A, 0)
+    Y = dA * decay
+    lam = dA * QU
+    # 2. diag(Λ_C· w) U ← E dS_Cᵀ (and P_C ∋ −Uᵀ diag(Λ_C·² w) U ← D̄): Λ_C· is row C − 1 of Λ.
+    wbar += last * uE
+    lam_last = w * uE
+    UbUt = _mm(tl.trans(Y), QU) + (last * w)[:, None] * EU                # Ū Uᵀ
+    if PC:
+        wbar -= last * last * uZu
+        lam_last -= 2.0 * last * w * uZu
+        UbUt -= 2.0 * (last * last * w)[:, None] * ZU
+    lam += tl.where(idx[:, None] == C - 1, lam_last[None, :], 0.0)
+    # 3. U = M⁻¹ X: M̄ = −M⁻ᵀ Ū Uᵀ on the strictly lower part; M = L ∘ Λ.
+    Mi = Linv * decay
+    Mbar = tl.where(strict, -_mm(tl.trans(Mi), UbUt), 0.0)
+    L = _unit_lower_inverse(tl.where(strict, Linv, 0.0), C)
+    Lbar = dL + Mbar * decay
+    lam += Mbar * L
+    # 4. S = L D Lᵀ: S̄ = sym(L⁻ᵀ Ω L⁻¹), Ω = strict(Lᵀ L̄) D⁻¹ + diag(−w̄ w²).
+    Om = tl.where(strict, _mm(tl.trans(L), Lbar), 0.0) * w[None, :]
+    Om += tl.where(eye, (-wbar * w * w)[None, :], 0.0)
+    Sb = _mm(tl.trans(Linv), _mm(Om, Linv))
+    Sb = 0.5 * (Sb + tl.trans(Sb))
+    return Y, Mi, L, Sb, lam
+
+
+@triton.jit
+def _bayes_own_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, gs_ptr, dl_ptr, eds_ptr, dvar_ptr,
+                      chunk_ptr, cu_ptr, gfac_ptr, bfac_ptr, scale, H,
+                      K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr, VAR: tl.constexpr):
+    """First pass, per (chunk, head): the chunk's own terms in P as the factor G (own =
+    K̃ᵀ G + scale² Q̃ᵀ diag(dvar) Q̃, step 6) and the sweep's B = diag(Λ_C· w) L⁻¹ K̃, both
+    token-major [B·T, H, K]."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
+    QU = tl.zeros([C, C], dtype=tl.float32)
+    EU = tl.zeros([C, C], dtype=tl.float32)
+    uE = tl.zeros([C], dtype=tl.float32)
+    for kb in range(0, K, BKB):
+        cols = kb + tl.arange(0, BKB)
+        kmask = valid[:, None] & (cols[None, :] < K)
+        off = tok[:, None] * K + cols[None, :]
+        qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        U = tl.load(u_ptr + off, mask=kmask, other=0.0)
+        EdS = tl.load(eds_ptr + off, mask=kmask, other=0.0)
+        QU += tl.dot(qc, tl.trans(U))
+        EU += tl.dot(EdS, tl.trans(U))
+        uE += tl.sum(U * EdS, 1)
+    lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
+    gamma = tl.exp(lg)
+    last = _last_row(decay, C)
+    Linv, w, Gs, dL, dv = _chunk_square(linv_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C, VAR)
+    Y, Mi, L, Sb, lam = _square_adjoints(QU, EU, EU, uE, uE, Gs, dL, dv, Linv, w, decay, last, scale,
+                                         C, VAR, False)
+    for kb in range(0, K, BKB):
+        cols = kb + tl.arange(0, BKB)
+        kmask = valid[:, None] & (cols[None, :] < K)
+        off = tok[:, None] * K + cols[None, :]
+        qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        kt = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32) * gamma[:, None]
+        EdS = tl.load(eds_ptr + off, mask=kmask, other=0.0)
+        Ubar = tl.dot(tl.trans(Y), qc) + (last * w)[:, None] * EdS
+        Xbar = tl.dot(tl.trans(Mi), Ubar)
+        G = tl.dot(Sb, kt) + gamma[:, None] * Xbar
+        B = tl.dot(Linv, kt) * (last * w)[:, None]
+        tl.store(gfac_ptr + off, G, mask=kmask)
+        tl.store(bfac_ptr + off, B, mask=kmask)
+
+
+@triton.jit
+def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_ptr, slot_ptr, dp_ptr, z_ptr,
+                      scale, H, K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, VAR: tl.constexpr):
+    """The covariance adjoint sweep for one (document, head): dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i.
+
+    dp_ptr holds dP in state slots [n_slots, H, K, K]: the document's last slot holds sym(dP_final)
+    on entry; slot slot0 + i + 1 ends as the adjoint of chunk i's end covariance and slot0 as dP_0.
+    Φ = Γ_C I − Uᵀ B (B = diag(Λ_C· w) L⁻¹ K̃): with Z = U dP [C, K] and W = Z Uᵀ [C, C],
+        Φᵀ dP Φ = Γ_C² dP − Γ_C (Bᵀ Z + Zᵀ B) + Bᵀ W B,
+    one pass over dP's tiles for Z and W, then one writing every tile of dP_i. The own terms
+    come as factors (step 6 of the module docstring), symmetrised as P is in the forward:
+        sym(K̃ᵀ G) + scale² Q̃ᵀ diag(dvar) Q̃."""
+    pid = tl.program_id(0)
+    n, h = pid // H, pid % H
+    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    slot0 = tl.load(slot_ptr + n)
+    idx = tl.arange(0, C)
+    pp = tl.arange(0, BP)
+    z_base = z_ptr + pid.to(tl.int64) * C * K
+    n_chunks = tl.cdiv(eos - bos, C)
+    for j in range(n_chunks):
+        i = n_chunks - 1 - j
+        rows = bos + i * C + idx
+        valid = rows < eos
+        tok = rows * H + h
+        src = dp_ptr + ((slot0 + i + 1) * H + h).to(tl.int64) * K * K
+        dst = dp_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * K
+        lg = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
+        gamma = tl.exp(lg)
+        gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
+        if VAR:
+            dv = scale * scale * tl.load(dvar_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+        W = tl.zeros([C, C], dtype=tl.float32)
+        for jb in range(0, K, BP):
+            cols = jb + pp
+            cmask = cols < K
+            Z = tl.zeros([C, BP], dtype=tl.float32)
+            for ib in range(0, K, BP):
+                r_idx = ib + pp
+                rmask = r_idx < K
+                tile = tl.load(src + r_idx[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+                U_i = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
+                Z += tl.dot(U_i, tile)
+            tl.store(z_base + idx[:, None] * K + cols[None, :], Z, mask=cmask[None, :])
+            U_j = tl.load(u_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
+            W += tl.dot(Z, tl.trans(U_j))
+        tl.debug_barrier()                                     # Z read back by other threads
+        for ib in range(0, K, BP):
+            r_idx = ib + pp
+            rmask = r_idx < K
+            imask = valid[:, None] & rmask[None, :]
+            i_off = tok[:, None] * K + r_idx[None, :]
+            B_i = tl.load(b_ptr + i_off, mask=imask, other=0.0)
+            Z_i = tl.load(z_base + idx[:, None] * K + r_idx[None, :], mask=rmask[None, :], other=0.0)
+            kt_i = tl.load(k_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
+            G_i = tl.load(gfac_ptr + i_off, mask=imask, other=0.0)
+            BW = tl.dot(tl.trans(B_i), W)                      # [BP, C]
+            for jb in range(0, K, BP):
+                cols = jb + pp
+                cmask = cols < K
+                jmask = valid[:, None] & cmask[None, :]
+                j_off = tok[:, None] * K + cols[None, :]
+                tile_off = r_idx[:, None] * K + cols[None, :]
+                tile_mask = rmask[:, None] & cmask[None, :]
+                B_j = tl.load(b_ptr + j_off, mask=jmask, other=0.0)
+                Z_j = tl.load(z_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
+                kt_j = tl.load(k_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * gamma[:, None]
+                G_j = tl.load(gfac_ptr + j_off, mask=jmask, other=0.0)
+                tile = tl.load(src + tile_off, mask=tile_mask, other=0.0)
+                own = 0.5 * (tl.dot(tl.trans(kt_i), G_j) + tl.dot(tl.trans(G_i), kt_j))
+                if VAR:
+                    qt_i = tl.load(q_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
+                    qt_j = tl.load(q_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * gamma[:, None]
+                    own += tl.dot(tl.trans(qt_i), qt_j * dv[:, None])
+                tile = (gamma_C * gamma_C * tile
+                        - gamma_C * (tl.dot(tl.trans(B_i), Z_j) + tl.dot(tl.trans(Z_i), B_j))
+                        + tl.dot(BW, B_j) + own)
+                tl.store(dst + tile_off, tile, mask=tile_mask)
+        tl.debug_barrier()                                     # the next chunk reads dP_i and Z
+
+
+@triton.jit
+def _bayes_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, noise_ptr, u_ptr, w_ptr, linv_ptr, gs_ptr, dl_ptr,
+                       dqs_ptr, eds_ptr, dkt_ptr, dgc_ptr, dvar_ptr, p_ptr, dp_ptr, chunk_ptr, cu_ptr, slot_ptr,
+                       z_ptr, f_ptr, kpart_ptr, dq_ptr, dk_ptr, dg_ptr, dbeta_ptr, dnoise_ptr, scale, H,
+                       K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr, R_MIN: tl.constexpr,
+                       VAR: tl.constexpr):
+    """Second pass, per (chunk, head): every input gradient of the chunk (steps 1–7), with
+    D̄ = dP of the chunk's end slot. Three passes over K blocks: (A) the C × C products and
+    Z = U D̄ (scratch z), ⟨P, D̄⟩; then the C × C algebra; (B) X̄ per block, F (scratch f) and
+    the parts of k̄ free of P (scratch kpart); (C) F P, then dq and dk; last dg, dbeta, dnoise."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
+    slot = tl.load(slot_ptr + n) + i
+    p_base = p_ptr + (slot * H + h).to(tl.int64) * K * K
+    dp_base = dp_ptr + ((slot + 1) * H + h).to(tl.int64) * K * K
+    idx = tl.arange(0, C)
+    bb = tl.arange(0, BKB)
+    strict = idx[:, None] > idx[None, :]
+    eye = idx[:, None] == idx[None, :]
+    lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
+    gamma = tl.exp(lg)
+    # (A) Q Uᵀ, K Kᵀ, EdS Uᵀ, Z Uᵀ and the row dots; Z = U D̄ one column block at a time.
+    QU = tl.zeros([C, C], dtype=tl.float32)
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    EU = tl.zeros([C, C], dtype=tl.float32)
+    ZU = tl.zeros([C, C], dtype=tl.float32)
+    uE = tl.zeros([C], dtype=tl.float32)
+    uZu = tl.zeros([C], dtype=tl.float32)
+    lgb = tl.zeros([C], dtype=tl.float32)               # adjoint of log Γ
+    qq = tl.zeros([C], dtype=tl.float32)
+    PD = tl.zeros([BKB], dtype=tl.float32)              # ⟨P, D̄⟩ by columns
+    trD = tl.zeros([BKB], dtype=tl.float32)
+    for kb in range(0, K, BKB):
+        cols = kb + bb
+        cmask = cols < K
+        kmask = valid[:, None] & cmask[None, :]
+        off = tok[:, None] * K + cols[None, :]
+        qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        kc = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        U = tl.load(u_ptr + off, mask=kmask, other=0.0)
+        EdS = tl.load(eds_ptr + off, mask=kmask, other=0.0)
+        Z = tl.zeros([C, BKB], dtype=tl.float32)
+        for ib in range(0, K, BKB):
+            r_idx = ib + bb
+            rmask = r_idx < K
+            tile_off = r_idx[:, None] * K + cols[None, :]
+            tile_mask = rmask[:, None] & cmask[None, :]
+            Dt = tl.load(dp_base + tile_off, mask=tile_mask, other=0.0)
+            Pt = tl.load(p_base + tile_off, mask=tile_mask, other=0.0)
+            PD += tl.sum(Pt * Dt, 0)
+            trD += tl.sum(tl.where(r_idx[:, None] == cols[None, :], Dt, 0.0), 0)
+            U_i = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
+            Z += tl.dot(U_i, Dt)
+        tl.store(z_ptr + off, Z, mask=kmask)
+        QU += tl.dot(qc, tl.trans(U))
+        KK += tl.dot(kc, tl.trans(kc))
+        EU += tl.dot(EdS, tl.trans(U))
+        ZU += tl.dot(Z, tl.trans(U))
+        uE += tl.sum(U * EdS, 1)
+        uZu += tl.sum(U * Z, 1)
+        qq += tl.sum(qc * qc, 1)
+        # Γ_t of diag(Γ) Q ← dQS and of K̃ ← dKt.
+        lgb += gamma * tl.sum(qc * tl.load(dqs_ptr + off, mask=kmask, other=0.0), 1)
+        lgb += gamma * tl.sum(kc * tl.load(dkt_ptr + off, mask=kmask, other=0.0), 1)
+    last = _last_row(decay, C)
+    Linv, w, Gs, dL, dv = _chunk_square(linv_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C, VAR)
+    Y, Mi, L, Sb, lam = _square_adjoints(QU, EU, ZU, uE, uZu, Gs, dL, dv, Linv, w, decay, last, scale,
+                                         C, VAR, True)
+    # 5. S: the pivots' observation noise r = max((1 − β) / β, R_MIN) and Ψ.
+    beta = tl.load(beta_ptr + tok, mask=valid, other=0.5).to(tl.float32)
+    rbar = tl.sum(tl.where(eye, Sb, 0.0), 1)
+    dbeta = tl.where((1.0 - beta) / beta >= R_MIN, -rbar / (beta * beta), 0.0)
+    tl.store(dbeta_ptr + tok, dbeta.to(dbeta_ptr.dtype.element_ty), mask=valid)
+    noise = tl.load(noise_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    d = tl.sum(decay * decay * noise[None, :], 1)
+    psi = decay * d[None, :]
+    psi = psi + tl.trans(psi) - tl.where(eye, d[None, :], 0.0)
+    # Ψ = lower + lowerᵀ − diag(d), lower_ts = Λ_ts d_s: Ψ̄ (symmetric) acts on lower twice off
+    # the diagonal and once on it.
+    psi_bar = Sb * KK
+    psi_low = tl.where(strict, 2.0 * psi_bar, tl.where(eye, psi_bar, 0.0))
+    dbar = tl.sum(psi_low * decay, 0)
+    lam += psi_low * d[None, :]
+    SPsi = 2.0 * Sb * psi                               # k̄ += 2 (S̄ ∘ Ψ) K
+    dbar += tl.where(idx == C - 1, tl.sum(trD, 0), 0.0)  # P_C ∋ d_C I
+    if VAR:
+        dbar += scale * scale * dv * qq
+    LM = L * decay                                      # M = L ∘ Λ: X = M U
+    # (B) per K block: Ū, X̄ = M⁻ᵀ Ū, F = 2 S̄ K̃ + diag(Γ) X̄ and k̄'s P-free part.
+    for kb in range(0, K, BKB):
+        cols = kb + bb
+        kmask = valid[:, None] & (cols[None, :] < K)
+        off = tok[:, None] * K + cols[None, :]
+        qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        kc = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        U = tl.load(u_ptr + off, mask=kmask, other=0.0)
+        EdS = tl.load(eds_ptr + off, mask=kmask, other=0.0)
+        Z = tl.load(z_ptr + off, mask=kmask, other=0.0)
+        Ubar = tl.dot(tl.trans(Y), qc) + (last * w)[:, None] * EdS - 2.0 * (last * last * w)[:, None] * Z
+        Xbar = tl.dot(tl.trans(Mi), Ubar)
+        X = tl.dot(LM, U)
+        dbar += tl.sum(kc * Xbar, 1)
+        lgb += tl.sum(Xbar * (X - d[:, None] * kc), 1)
+        kt = kc * gamma[:, None]
+        F = 2.0 * tl.dot(Sb, kt) + gamma[:, None] * Xbar
+        kpart = (tl.dot(SPsi, kc) + d[:, None] * Xbar
+                 + gamma[:, None] * tl.load(dkt_ptr + off, mask=kmask, other=0.0))
+        tl.store(f_ptr + off, F, mask=kmask)
+        tl.store(kpart_ptr + off, kpart, mask=kmask)
+    tl.debug_barrier()                                  # F read back by other threads
+    # (C) F P (and Q̃ P for the variance) one column block at a time; then dk and dq.
+    for jb in range(0, K, BKB):
+        cols = jb + bb
+        cmask = cols < K
+        kmask = valid[:, None] & cmask[None, :]
+        off = tok[:, None] * K + cols[None, :]
+        FP = tl.zeros([C, BKB], dtype=tl.float32)
+        if VAR:
+            QP = tl.zeros([C, BKB], dtype=tl.float32)
+        for ib in range(0, K, BKB):
+            r_idx = ib + bb
+            rmask = r_idx < K
+            imask = valid[:, None] & rmask[None, :]
+            Pt = tl.load(p_base + r_idx[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            F_i = tl.load(f_ptr + tok[:, None] * K + r_idx[None, :], mask=imask, other=0.0)
+            FP += tl.dot(F_i, Pt)
+            if VAR:
+                qt_i = tl.load(q_ptr + tok[:, None] * K + r_idx[None, :], mask=imask, other=0.0).to(tl.float32)
+                QP += tl.dot(qt_i * gamma[:, None], Pt)
+        kc = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        lgb += gamma * tl.sum(kc * FP, 1)                  # Γ_t k_t · (K̃̄ − dKt)_t; dKt's share is in (A)
+        dk = tl.load(kpart_ptr + off, mask=kmask, other=0.0) + gamma[:, None] * FP
+        tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+        qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        U = tl.load(u_ptr + off, mask=kmask, other=0.0)
+        dq = tl.dot(Y, U) + gamma[:, None] * tl.load(dqs_ptr + off, mask=kmask, other=0.0)
+        if VAR:
+            # var_t ∋ scale² (Γ_t² q_tᵀ P q_t + d_t |q_t|²)
+            dq += (2.0 * scale * scale * dv)[:, None] * (gamma[:, None] * QP + d[:, None] * qc)
+            lgb += 2.0 * scale * scale * dv * gamma * tl.sum(qc * QP, 1)
+        tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=kmask)
+    # 7. d_t = Σ_j Λ_tj² q_j; then Λ → log Γ → g.
+    tl.store(dnoise_ptr + tok, tl.sum(dbar[:, None] * decay * decay, 0).to(dnoise_ptr.dtype.element_ty),
+             mask=valid)
+    lam += 2.0 * dbar[:, None] * decay * noise[None, :]
+    flow = lam * decay
+    lgb += tl.sum(flow, 1) - tl.sum(flow, 0)
+    gamma_C = tl.sum(tl.where(idx == C - 1, gamma, 0.0), 0)
+    lgb += tl.where(idx == C - 1, gamma_C * tl.load(dgc_ptr + c * H + h)
+                    + 2.0 * gamma_C * gamma_C * tl.sum(PD, 0), 0.0)
+    dg = tl.sum(lgb, 0) - tl.cumsum(lgb, 0) + lgb
+    tl.store(dg_ptr + tok, dg.to(dg_ptr.dtype.element_ty), mask=valid)
