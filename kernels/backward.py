@@ -35,6 +35,7 @@ from .chunk_fwd import _block_v, chunk_states
 # bayes' key-side kernels (bayes_keys.py: own terms, covariance sweep, input gradients).
 DSTATE_WARPS = 4
 OWN_WARPS, COV_SWEEP_WARPS, KEYS_WARPS = 4, 8, 8
+KEYS_STAGES = 1     # software pipelining of the key kernels' tile loops (shared memory: [64, 64] fp32 tiles)
 
 
 def _key_block(K):
@@ -123,7 +124,8 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     grid_cc = (plan.n_chunks, H)
     G, Bf = torch.empty(n_tok, H, K, **f32), torch.empty(n_tok, H, K, **f32)
     _bayes_own_kernel[grid_cc](q, k, g, mid.u, mid.w, mid.linv, sums["Gs"], sums["dL"], sums["EdS"], dvar,
-                               plan.chunks, plan.cu, G, Bf, scale, H, K=K, BKB=BKB, C=C, VAR=VAR, num_warps=OWN_WARPS)
+                               plan.chunks, plan.cu, G, Bf, scale, H, K=K, BKB=BKB, C=C, VAR=VAR, num_warps=OWN_WARPS,
+                               num_stages=KEYS_STAGES)
     # dP in state slots like P: slot slot0 + i + 1 ends as the adjoint of chunk i's end covariance.
     dp_slots = torch.empty_like(mid.p_slots)
     final = plan.slot0.long() + plan.per_doc
@@ -144,5 +146,5 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
         q, k, g, beta, noise, mid.u, mid.w, mid.linv, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],
         sums["dKt"], sums["dgc"], dvar, mid.p_slots, dp_slots, plan.chunks, plan.cu, plan.slot0,
         Zs, F, kpart, dq, dk, dg, dbeta, dnoise, scale, H,
-        K=K, BKB=BKB, C=C, R_MIN=fm.R_MIN, VAR=VAR, num_warps=KEYS_WARPS)
+        K=K, BKB=BKB, C=C, R_MIN=fm.R_MIN, VAR=VAR, num_warps=KEYS_WARPS, num_stages=KEYS_STAGES)
     return dq, dk, dg, dbeta, dnoise, dP0

@@ -303,6 +303,7 @@ def _bayes_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, noise_ptr, u_ptr, w_ptr, l
         # Γ_t of diag(Γ) Q ← dQS and of K̃ ← dKt.
         lgb += gamma * tl.sum(qc * tl.load(dqs_ptr + off, mask=kmask, other=0.0), 1)
         lgb += gamma * tl.sum(kc * tl.load(dkt_ptr + off, mask=kmask, other=0.0), 1)
+    tl.debug_barrier()                                  # Z read back by other threads in (B)
     last = _last_row(decay, C)
     Linv, w, Gs, dL, dv = _chunk_square(linv_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C, VAR)
     Y, Mi, L, Sb, lam = _square_adjoints(QU, EU, ZU, uE, uZu, Gs, dL, dv, Linv, w, decay, last, scale,

@@ -106,6 +106,41 @@ def test_initial_state_variance_and_given_noise(mode):
         assert P is None and bool((var == 0).all())
 
 
+@pytest.mark.parametrize("K,V", [(128, 64), (256, 128)])
+def test_bayes_gradients_with_variance_initial_state_given_noise_and_documents(K, V):
+    """Every input gradient of bayes (the key-side kernels' variance, P0 and learned-noise paths)
+    for a loss on o, the variance and the final (S, P), with documents."""
+    T, H = 1500, 2
+    inputs = gdn_inputs(1, T, H, K, V, seed=10)
+    cu = documents(T, 3, seed=11)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    S0 = torch.randn(3, H, K, V, generator=gen, device="cuda")
+    A = torch.randn(3, H, K, K, generator=gen, device="cuda") / K ** 0.5
+    P0 = A @ A.transpose(-1, -2) + 0.5 * torch.eye(K, device="cuda")
+    noise = 0.05 * torch.rand(1, T, H, generator=gen, device="cuda")
+    dO = torch.randn(1, T, H, V, generator=gen, device="cuda")
+    dvar = torch.randn(1, T, H, generator=gen, device="cuda")
+    dS = torch.randn(3, H, K, V, generator=gen, device="cuda")
+    dP = torch.randn(3, H, K, K, generator=gen, device="cuda")
+
+    def grads(backend, xs):
+        leaves = [x.detach().clone().requires_grad_() for x in list(xs) + [S0, P0, noise]]
+        q, k, v, g, beta, s0, p0, nz = leaves
+        o, (S, P), var = bayes_filter(q, k, v, g, beta, mode="bayes", backend=backend, cu_seqlens=cu,
+                                      initial_state=(s0, p0), process_noise=nz, output_final_state=True,
+                                      output_variance=True)
+        loss = (o.float() * dO).sum() + (var.float() * dvar).sum() + (S * dS).sum() + (P * dP).sum()
+        loss.backward()
+        return [x.grad for x in leaves]
+
+    got = grads("triton", inputs)
+    ref = grads("chunked", [x.float() for x in inputs])
+    names = ("dq", "dk", "dv", "dg", "dbeta", "dS0", "dP0", "dnoise")
+    errors = {n: rel_rms(a, b) for n, a, b in zip(names, got, ref)}
+    print(K, V, errors)
+    assert all(e <= GRAD_TOL for e in errors.values()), errors
+
+
 @pytest.mark.parametrize("mode", ["bayes", "reset"])
 def test_varlen_equals_per_document_runs(mode):
     T, H, K, V = 3000, 4, 64, 64
