@@ -11,7 +11,7 @@ The value kernels (chunk_bwd.py) give the adjoints of the products the readout u
     var_t = scale² (Γ_t² q_tᵀ P q_t + d_t |q_t|² − Σ_s Â_ts² w_s) ← dvar,
 and the covariance sweep gives the adjoint D̄ (symmetric) of P_C. Reverse mode, in the order
 the kernels run it (a bar is an adjoint; Λ̄ and the log-decay adjoint lḡ collect along the way):
-  1. Â diag(w) and the variance: dÂ = diag(·) (Gs − 2 scale² diag(dvar) Â) diag(w), so
+  1. Â diag(w) and the variance: dÂ = (Gs − 2 scale² diag(dvar) Â) diag(w), so
      Ū += Yᵀ Q, q̄ += Y U with Y = dÂ ∘ Λ; w̄_s = Σ_t Gs_ts Â_ts − scale² Σ_t dvar_t Â_ts².
   2. diag(Λ_C· w) U and P_C's −Uᵀ diag(Λ_C·² w) U, with Z = U D̄: Ū += diag(Λ_C· w) E dS_Cᵀ
      − 2 diag(Λ_C·² w) Z; w̄ and Λ̄_C· get the matching row dots u·EdS and u·Z.
