@@ -29,11 +29,23 @@ from titan_bayes.ops import filter_math as fm
 
 from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel
 from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
-from .chunk_fwd import _block_v, chunk_states
+from .chunk_fwd import _block_v, chunk_states, key_dots
 
-# Launch settings (module constants so a tuning script can try others): the reverse state sweep,
-# bayes' key-side kernels (bayes_keys.py: own terms, covariance sweep, input gradients).
-DSTATE_WARPS = 4
+
+def _dstate_launch(K, V, u_is_k):
+    """(BV, num_warps) of the reverse state sweep. Measured on an H100 with Triton 3.6: reset
+    (bf16 keys in U·dS) at K = 256 takes 3.6 ms with (64, 8) against 5.9 with (32, 4); at
+    K = 128, (32, 4) is best. bayes (fp32 U) is fastest at _block_v's width and 4 warps.
+    (32, 8) and (16, 8) returned NaNs there (a Triton 3.6 Hopper miscompilation): avoid them."""
+    if not u_is_k:
+        return _block_v(K, V), 4
+    if K > 128:
+        return min(64, max(16, triton.next_power_of_2(V))), 8
+    return min(32, max(16, triton.next_power_of_2(V))), 4
+
+
+# Launch settings (module constants so a tuning script can try others): bayes' key-side
+# kernels (bayes_keys.py: own terms, covariance sweep, input gradients).
 OWN_WARPS, COV_SWEEP_WARPS, KEYS_WARPS = 4, 8, 8
 KEYS_STAGES = 1     # software pipelining of the key kernels' tile loops (shared memory: [64, 64] fp32 tiles)
 
@@ -74,7 +86,7 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     n_tok, N = B * T, plan.n_docs
     BK = max(16, triton.next_power_of_2(K))
     BKB = _key_block(K)
-    BV = _block_v(K, V)
+    BV, dstate_warps = _dstate_launch(K, V, mid.u is k)
     BVL = min(64, max(16, triton.next_power_of_2(V)))
     grid_cc = (plan.n_chunks, H)
     dS_final = torch.zeros(N, H, K, V, **f32) if dS_final is None else dS_final.float().contiguous()
@@ -85,7 +97,8 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     dR = torch.empty(n_tok, H, V, **f32)
     _dstate_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, g, mid.u, mid.w, mid.linv, mo, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dR, scale, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, U_IS_K=mid.u is k, num_warps=DSTATE_WARPS, num_stages=1)
+        K=K, V=V, BK=BK, BV=BV, C=C, U_IS_K=mid.u is k, KEY_DOTS=key_dots(k), num_warps=dstate_warps,
+        num_stages=1)
     n_kb = triton.cdiv(K, BKB)
     dQS, EdS, dKt = (torch.empty(n_tok, H, K, **f32) for _ in range(3))
     dgc_blocks = torch.empty(n_kb, plan.n_chunks, H, **f32)
