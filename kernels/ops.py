@@ -20,19 +20,6 @@ from .backward import chunk_backward
 from .chunk_fwd import Plan, chunk_forward
 
 
-def _autograd_keys():
-    """The current dispatcher key sets with autograd allowed again.
-
-    A custom op's body runs with the autograd keys excluded; the backward recomputes chunks
-    and differentiates them with autograd, so it lifts that exclusion for its own body (the
-    op stays opaque to torch.compile) and keeps every other key of the caller's context."""
-    keys = torch._C.DispatchKey
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    exclude = exclude.remove(keys.AutogradFunctionality).remove(keys.ADInplaceOrView)
-    return torch._C._dispatch_tls_local_include_set(), exclude
-
-
-
 def _final_index(plan):
     return (plan.slot0.long() + plan.per_doc)
 
@@ -79,9 +66,8 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     B, T = q.shape[:2]
     plan = Plan(B, T, cu_seqlens, chunk_size, q.device)
     grads = (d_out, d_var if d_var.numel() else None, dS, dP if dP.numel() else None)
-    with torch._C._ForceDispatchKeyGuard(*_autograd_keys()), torch.enable_grad():
-        out = chunk_backward(mode, (q, k, v, g, beta, noise), S0, P0, plan, cu_seqlens, grads, scale,
-                             output_variance, chunk_size)
+    out = chunk_backward(mode, (q, k, v, g, beta, noise), S0, P0, plan, cu_seqlens, grads, scale,
+                         output_variance, chunk_size)
     dP0 = out[7] if out[7] is not None else q.new_empty(0, dtype=torch.float32)
     return (*out[:7], dP0)
 

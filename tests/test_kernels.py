@@ -1,15 +1,11 @@
 """The Triton kernels on CPU, in Triton's interpreter, against the float64 token-by-token filter.
 
-The interpreter must be chosen before Triton compiles anything (TRITON_INTERPRET=1 at import),
-and the setting must not leak into other test modules. So the kernel cases run in one
-subprocess (this file executed as a script with TRITON_INTERPRET=1), which prints the
-measured errors as JSON; the tests below read them. Argument checks run in-process: they
-raise before any kernel is launched.
+The kernel cases run in one subprocess under TRITON_INTERPRET=1 (tests/interpreter.py says
+why), which prints the measured errors as JSON; the tests below read them. Argument checks run
+in-process: they raise before any kernel is launched.
 """
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,10 +15,10 @@ from titan_bayes.ops import bayes_filter
 
 sys.path.insert(0, os.path.dirname(__file__))
 from filter_inputs import make_inputs, random_covariance  # noqa: E402
+from interpreter import cases_of, check_case, print_case_results, run_interpreted  # noqa: E402
 
 FP32_TOL = 1e-5      # fp32 kernels vs the float64 filter: round-off only
 BF16_TOL = 1e-2      # bf16 inputs and outputs (8 mantissa bits), same rounded inputs on both sides
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rel(a, b):
@@ -213,36 +209,17 @@ def case_compiled_fullgraph_matches_eager():
     return {f"d{name}": rel(a, x.grad) for name, a, x in zip("qkvgb", compiled, xs)}, FP32_TOL
 
 
-CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
-
-
-def _run_cases():
-    out = {}
-    for name, fn in CASES.items():
-        try:
-            errors, tol = fn()
-            out[name] = {"errors": errors, "tol": tol}
-        except Exception as exc:  # reported by the test of this case
-            out[name] = {"exception": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(out))
+CASES = cases_of(globals())
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_kernels_match_float64_filter(interpreted, name):
-    result = interpreted[name]
-    assert "exception" not in result, result.get("exception")
-    bad = {k: v for k, v in result["errors"].items() if not v <= result["tol"]}
-    assert not bad, f"relative errors above {result['tol']}: {bad} (all: {result['errors']})"
+    check_case(interpreted[name])
 
 
 @pytest.mark.parametrize("change,argument", [
@@ -287,4 +264,4 @@ def test_kernel_supports_names_the_kernels_limits():
 
 
 if __name__ == "__main__":
-    _run_cases()
+    print_case_results(CASES)
