@@ -29,24 +29,27 @@ from titan_bayes.ops import filter_math as fm
 
 from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel
 from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
-from .chunk_fwd import _block_v, chunk_states, key_dots
+from .chunk_fwd import chunk_states, key_dots
 
 
 def _dstate_launch(K, V, u_is_k):
     """(BV, num_warps) of the reverse state sweep. Measured on an H100 with Triton 3.6: reset
     (bf16 keys in U·dS) at K = 256 takes 3.6 ms with (64, 8) against 5.9 with (32, 4); at
-    K = 128, (32, 4) is best. bayes (fp32 U) is fastest at _block_v's width and 4 warps.
+    K = 128, (32, 4) is best. bayes (fp32 U) takes V blocks of 64 and 4 warps at
+    every K (at K = 256: 5.6 ms against 8.1 with (32, 4)).
     (32, 8) and (16, 8) returned NaNs there (a Triton 3.6 Hopper miscompilation): avoid them."""
     if not u_is_k:
-        return _block_v(K, V), 4
+        return max(16, min(triton.next_power_of_2(V), 64)), 4
     if K > 128:
         return min(64, max(16, triton.next_power_of_2(V))), 8
     return min(32, max(16, triton.next_power_of_2(V))), 4
 
 
 # Launch settings (module constants so a tuning script can try others): bayes' key-side
-# kernels (bayes_keys.py: own terms, covariance sweep, input gradients).
-OWN_WARPS, COV_SWEEP_WARPS, KEYS_WARPS = 4, 8, 8
+# kernels (bayes_keys.py: own terms, covariance sweep, input gradients). Swept on an H100 at
+# (8, 4096, 6, 256, 512) and (8, 4096, 8, 128, 128): own 7.3 → 6.0 ms at K = 256 with 8 warps
+# (equal at 128), sweep 9.6 → 8.7 and 2.9 → 2.5 ms with 4, keys 12.1 / 10.3 ms with 8 (4: 17.1 / 15.6).
+OWN_WARPS, COV_SWEEP_WARPS, KEYS_WARPS = 8, 4, 8
 KEYS_STAGES = 1     # software pipelining of the key kernels' tile loops (shared memory: [64, 64] fp32 tiles)
 
 
@@ -64,7 +67,7 @@ def chunk_backward(mode, inputs, S0, P0, plan, cu_seqlens, grads, scale, output_
     V = v.shape[-1]
     C = chunk_size
     d_out, d_var, dS_final, dP_final = grads
-    mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, False, C)
+    mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, False, C, keep_l=mode == "bayes")
     sums = _value_sums(q, k, g, d_out.contiguous(), mid, plan, dS_final, scale, C)
     dv = sums["dR"].view(B, T, H, V).to(v.dtype)
     dS0 = sums["dh_slots"][plan.slot0.long()].contiguous()
@@ -136,7 +139,7 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     dvar = d_var.contiguous() if VAR else mid.w              # a placeholder pointer without variance
     grid_cc = (plan.n_chunks, H)
     G, Bf = torch.empty(n_tok, H, K, **f32), torch.empty(n_tok, H, K, **f32)
-    _bayes_own_kernel[grid_cc](q, k, g, mid.u, mid.w, mid.linv, sums["Gs"], sums["dL"], sums["EdS"], dvar,
+    _bayes_own_kernel[grid_cc](q, k, g, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["EdS"], dvar,
                                plan.chunks, plan.cu, G, Bf, scale, H, K=K, BKB=BKB, C=C, VAR=VAR, num_warps=OWN_WARPS,
                                num_stages=KEYS_STAGES)
     # dP in state slots like P: slot slot0 + i + 1 ends as the adjoint of chunk i's end covariance.
@@ -156,7 +159,7 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     Zs, F = G, Bf                                             # scratch, free again after the sweep
     kpart = torch.empty(n_tok, H, K, **f32)
     _bayes_keys_kernel[grid_cc](
-        q, k, g, beta, noise, mid.u, mid.w, mid.linv, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],
+        q, k, g, beta, noise, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],
         sums["dKt"], sums["dgc"], dvar, mid.p_slots, dp_slots, plan.chunks, plan.cu, plan.slot0,
         Zs, F, kpart, dq, dk, dg, dbeta, dnoise, scale, H,
         K=K, BKB=BKB, C=C, R_MIN=fm.R_MIN, VAR=VAR, num_warps=KEYS_WARPS, num_stages=KEYS_STAGES)

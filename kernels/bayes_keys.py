@@ -45,7 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _chunk_decays, _chunk_tokens, _last_row, _unit_lower_inverse
+from .chunk_fwd import _chunk_decays, _chunk_tokens, _last_row
 
 
 @triton.jit
@@ -55,14 +55,14 @@ def _mm(a, b):
 
 
 @triton.jit
-def _chunk_square(linv_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C: tl.constexpr, VAR: tl.constexpr):
-    """L⁻¹, w and the C × C adjoints Gs, dL (and dvar) of a chunk. Padded rows get the values of
-    the forward's padding (an identity row of L⁻¹, gain 1) and zero adjoints."""
+def _chunk_square(linv_ptr, l_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C: tl.constexpr, VAR: tl.constexpr):
+    """L⁻¹, L, w and the C × C adjoints Gs, dL (and dvar) of a chunk. Padded rows get the values
+    of the forward's padding (identity rows of L⁻¹ and L, gain 1) and zero adjoints."""
     idx = tl.arange(0, C)
     cc = tok[:, None] * C + idx[None, :]
-    eye = idx[:, None] == idx[None, :]
-    Linv = tl.load(linv_ptr + cc, mask=valid[:, None], other=0.0)
-    Linv = tl.where(valid[:, None], Linv, tl.where(eye, 1.0, 0.0))
+    eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    Linv = tl.where(valid[:, None], tl.load(linv_ptr + cc, mask=valid[:, None], other=0.0), eye)
+    L = tl.where(valid[:, None], tl.load(l_ptr + cc, mask=valid[:, None], other=0.0), eye)
     w = tl.load(w_ptr + tok, mask=valid, other=1.0)
     Gs = tl.load(gs_ptr + cc, mask=valid[:, None], other=0.0)
     dL = tl.load(dl_ptr + cc, mask=valid[:, None], other=0.0)
@@ -70,14 +70,14 @@ def _chunk_square(linv_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C: tl.c
         dv = tl.load(dvar_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     else:
         dv = tl.zeros([C], dtype=tl.float32)
-    return Linv, w, Gs, dL, dv
+    return Linv, L, w, Gs, dL, dv
 
 
 @triton.jit
-def _square_adjoints(QU, EU, ZU, uE, uZu, Gs, dL, dv, Linv, w, decay, last, scale,
+def _square_adjoints(QU, EU, ZU, uE, uZu, Gs, dL, dv, Linv, L, w, decay, last, scale,
                      C: tl.constexpr, VAR: tl.constexpr, PC: tl.constexpr):
     """Steps 1–4 of the module docstring for one chunk. Returns Y = dÂ ∘ Λ (q̄ = Y U, Ū ∋ Yᵀ Q),
-    M⁻¹ = L⁻¹ ∘ Λ, L, S̄ (symmetric) and Λ̄ so far. PC: include P_C's terms (ZU = Z Uᵀ,
+    M⁻¹ = L⁻¹ ∘ Λ, S̄ (symmetric) and Λ̄ so far. PC: include P_C's terms (ZU = Z Uᵀ,
     uZu = row dots u·Z)."""
     idx = tl.arange(0, C)
     strict = idx[:, None] > idx[None, :]
@@ -104,7 +104,6 @@ def _square_adjoints(QU, EU, ZU, uE, uZu, Gs, dL, dv, Linv, w, decay, last, scal
     # 3. U = M⁻¹ X: M̄ = −M⁻ᵀ Ū Uᵀ on the strictly lower part; M = L ∘ Λ.
     Mi = Linv * decay
     Mbar = tl.where(strict, -_mm(tl.trans(Mi), UbUt), 0.0)
-    L = _unit_lower_inverse(tl.where(strict, Linv, 0.0), C)
     Lbar = dL + Mbar * decay
     lam += Mbar * L
     # 4. S = L D Lᵀ: S̄ = sym(L⁻ᵀ Ω L⁻¹), Ω = strict(Lᵀ L̄) D⁻¹ + diag(−w̄ w²).
@@ -112,11 +111,11 @@ def _square_adjoints(QU, EU, ZU, uE, uZu, Gs, dL, dv, Linv, w, decay, last, scal
     Om += tl.where(eye, (-wbar * w * w)[None, :], 0.0)
     Sb = _mm(tl.trans(Linv), _mm(Om, Linv))
     Sb = 0.5 * (Sb + tl.trans(Sb))
-    return Y, Mi, L, Sb, lam
+    return Y, Mi, Sb, lam
 
 
 @triton.jit
-def _bayes_own_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, gs_ptr, dl_ptr, eds_ptr, dvar_ptr,
+def _bayes_own_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, l_ptr, gs_ptr, dl_ptr, eds_ptr, dvar_ptr,
                       chunk_ptr, cu_ptr, gfac_ptr, bfac_ptr, scale, H,
                       K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr, VAR: tl.constexpr):
     """First pass, per (chunk, head): the chunk's own terms in P as the factor G (own =
@@ -140,9 +139,9 @@ def _bayes_own_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, gs_ptr, dl_pt
     lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
     gamma = tl.exp(lg)
     last = _last_row(decay, C)
-    Linv, w, Gs, dL, dv = _chunk_square(linv_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C, VAR)
-    Y, Mi, L, Sb, lam = _square_adjoints(QU, EU, EU, uE, uE, Gs, dL, dv, Linv, w, decay, last, scale,
-                                         C, VAR, False)
+    Linv, L, w, Gs, dL, dv = _chunk_square(linv_ptr, l_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C, VAR)
+    Y, Mi, Sb, lam = _square_adjoints(QU, EU, EU, uE, uE, Gs, dL, dv, Linv, L, w, decay, last, scale,
+                                      C, VAR, False)
     for kb in range(0, K, BKB):
         cols = kb + tl.arange(0, BKB)
         kmask = valid[:, None] & (cols[None, :] < K)
@@ -240,7 +239,7 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
 
 
 @triton.jit
-def _bayes_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, noise_ptr, u_ptr, w_ptr, linv_ptr, gs_ptr, dl_ptr,
+def _bayes_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, noise_ptr, u_ptr, w_ptr, linv_ptr, l_ptr, gs_ptr, dl_ptr,
                        dqs_ptr, eds_ptr, dkt_ptr, dgc_ptr, dvar_ptr, p_ptr, dp_ptr, chunk_ptr, cu_ptr, slot_ptr,
                        z_ptr, f_ptr, kpart_ptr, dq_ptr, dk_ptr, dg_ptr, dbeta_ptr, dnoise_ptr, scale, H,
                        K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr, R_MIN: tl.constexpr,
@@ -305,9 +304,9 @@ def _bayes_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, noise_ptr, u_ptr, w_ptr, l
         lgb += gamma * tl.sum(kc * tl.load(dkt_ptr + off, mask=kmask, other=0.0), 1)
     tl.debug_barrier()                                  # Z read back by other threads in (B)
     last = _last_row(decay, C)
-    Linv, w, Gs, dL, dv = _chunk_square(linv_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C, VAR)
-    Y, Mi, L, Sb, lam = _square_adjoints(QU, EU, ZU, uE, uZu, Gs, dL, dv, Linv, w, decay, last, scale,
-                                         C, VAR, True)
+    Linv, L, w, Gs, dL, dv = _chunk_square(linv_ptr, l_ptr, w_ptr, gs_ptr, dl_ptr, dvar_ptr, tok, valid, C, VAR)
+    Y, Mi, Sb, lam = _square_adjoints(QU, EU, ZU, uE, uZu, Gs, dL, dv, Linv, L, w, decay, last, scale,
+                                      C, VAR, True)
     # 5. S: the pivots' observation noise r = max((1 − β) / β, R_MIN) and Ψ.
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.5).to(tl.float32)
     rbar = tl.sum(tl.where(eye, Sb, 0.0), 1)

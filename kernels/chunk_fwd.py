@@ -72,10 +72,12 @@ def _ldl_inverse(S, C: tl.constexpr):
     Step j subtracts m_i = S_ij / S_jj times row j from every row i > j; the trailing block
     stays the (symmetric) Schur complement, so m is read off row j. The same row operations
     applied to I give L⁻¹ (S = L D Lᵀ, L unit lower), and the pivots are D = the sequential
-    filter's innovation variances s_t.
+    filter's innovation variances s_t. The multipliers m are column j of L itself, kept for
+    the backward (its key kernels need L and L⁻¹; recording L costs no reduction).
     """
     idx = tl.arange(0, C)
     Linv = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    L = Linv
     D = tl.zeros([C], dtype=tl.float32)
     for j in range(C):
         row = tl.sum(tl.where(idx[:, None] == j, S, 0.0), 0)
@@ -84,8 +86,9 @@ def _ldl_inverse(S, C: tl.constexpr):
         S = S - m[:, None] * row[None, :]
         linv_row = tl.sum(tl.where(idx[:, None] == j, Linv, 0.0), 0)
         Linv = Linv - m[:, None] * linv_row[None, :]
+        L = tl.where(idx[None, :] == j, L + m[:, None], L)
         D = tl.where(idx == j, pivot, D)
-    return Linv, D
+    return Linv, D, L
 
 
 @triton.jit
@@ -103,9 +106,9 @@ def _unit_lower_inverse(A, C: tl.constexpr):
 
 @triton.jit
 def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr,
-                      u_ptr, linv_ptr, w_ptr, vpri_ptr, H,
+                      u_ptr, linv_ptr, l_ptr, w_ptr, vpri_ptr, H,
                       K: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
-                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr):
+                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, STORE_L: tl.constexpr):
     pid = tl.program_id(0)
     n, h = pid // H, pid % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -150,9 +153,11 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         psi = psi + tl.trans(psi) - tl.where(idx[:, None] == idx[None, :], d[None, :], 0.0)
         S += tl.dot(kc, tl.trans(kc)) * psi
         S = 0.5 * (S + tl.trans(S)) + tl.where(idx[:, None] == idx[None, :], r[None, :], 0.0)
-        Linv, D = _ldl_inverse(S, C)
+        Linv, D, L = _ldl_inverse(S, C)
         w = 1.0 / D
         tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
+        if STORE_L:
+            tl.store(l_ptr + tok[:, None] * C + idx[None, :], L, mask=valid[:, None])
         tl.store(w_ptr + tok, w, mask=valid)
         if WITH_VARIANCE:
             q_sq = tl.sum(qc * qc, 1)
@@ -335,7 +340,7 @@ class Plan:
 
 
 # Launch settings (module constants so a tuning script can try others).
-COV_WARPS, MEAN_WARPS, OUT_WARPS = 8, 4, 4
+COV_WARPS, OUT_WARPS = 8, 4
 
 
 def key_dots(k):
@@ -350,6 +355,16 @@ def key_dots(k):
 def _block_v(K, V):
     # The h-loop holds S0 [K, BV] and U, K̃ [C, K] in registers: narrower V blocks for K = 256.
     return max(16, min(triton.next_power_of_2(V), 32 if K > 128 else 64))
+
+
+def _mean_launch(K, V, u_is_k):
+    """(BV, num_warps) of the h-loop. Measured on an H100 (Triton 3.6) at K = 256, V = 512:
+    bayes (fp32 U, read again by every V block) 6.3 → 3.7 ms with (64, 8) instead of (32, 4);
+    reset is fastest at (32, 4) (2.0 ms; (64, 8) 2.25, (64, 4) 3.1). (32, 8) returned NaNs
+    there (the Triton 3.6 Hopper miscompilation noted at backward._dstate_launch): avoid it."""
+    if K > 128 and not u_is_k:
+        return max(16, min(triton.next_power_of_2(V), 64)), 8
+    return _block_v(K, V), 4
 
 
 def _check_pivots(w):
@@ -367,8 +382,9 @@ class Intermediates:
     """What the first two forward passes leave behind, token-major [B·T, H, ...] fp32 unless
     noted: the chunk-boundary states h_slots [n_slots, H, K, V] and p_slots [n_slots, H, K, K]
     (bayes, else None), write directions u (reset: the keys k themselves), gains w (reset:
-    beta), L⁻¹ of every chunk's system [B·T, H, C], innovations e [B·T, H, V] and the prior part
-    of the predictive variance vpri (bayes with output_variance, else None)."""
+    beta), L⁻¹ of every chunk's system [B·T, H, C], innovations e [B·T, H, V], the prior part
+    of the predictive variance vpri (bayes with output_variance, else None) and L itself (bayes
+    when the backward asks for it, else None)."""
 
     h_slots: torch.Tensor
     p_slots: Optional[torch.Tensor]
@@ -377,13 +393,15 @@ class Intermediates:
     linv: torch.Tensor
     e: torch.Tensor
     vpri: Optional[torch.Tensor]
+    l: Optional[torch.Tensor] = None
 
 
-def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size):
+def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size, keep_l=False):
     """Passes 1 and 2 of the forward (covariance or reset system, then the mean h-loop).
     Inputs [B, T, H, ...] contiguous (noise fp32, bayes only); S0 [N, H, K, V] fp32,
-    P0 [N, H, K, K] fp32 (bayes) or None. Returns Intermediates; the final state of document
-    n is slot slot0[n] + NT_n of h_slots (and p_slots)."""
+    P0 [N, H, K, K] fp32 (bayes) or None; keep_l: also keep bayes' L (the backward's rerun).
+    Returns Intermediates; the final state of document n is slot slot0[n] + NT_n of h_slots
+    (and p_slots)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
@@ -395,29 +413,32 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     h_slots = torch.empty(plan.n_slots, H, K, V, **f32)
     p_slots = None
     vpri = None
+    l_factor = None
     if mode == "bayes":
         p_slots = torch.empty(plan.n_slots, H, K, K, **f32)
         p_slots[plan.slot0.long()] = P0.float()
         u = torch.empty(n_tok, H, K, **f32)
         w = torch.empty(n_tok, H, **f32)
         vpri = torch.empty(n_tok, H, **f32) if output_variance else None
+        l_factor = torch.empty(n_tok, H, C, **f32) if keep_l else None
         scratch = torch.empty(plan.n_docs * H, C, K, **f32)
         BP = min(BK, 64)
         _bayes_cov_kernel[(plan.n_docs * H,)](
-            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv, w,
-            vpri if vpri is not None else w, H,
-            K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, num_warps=COV_WARPS, num_stages=1)
+            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv,
+            l_factor if keep_l else linv, w, vpri if vpri is not None else w, H,
+            K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, STORE_L=keep_l,
+            num_warps=COV_WARPS, num_stages=1)
         _check_pivots(w)
     else:
         _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
                                                   K=K, BK=BK, C=C, num_warps=4)
         u, w = k, beta                          # reset: write along the keys with gain beta
     e = torch.empty(n_tok, H, V, **f32)
-    BV = _block_v(K, V)
+    BV, mean_warps = _mean_launch(K, V, u is k)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
         k, v, g, u, w, linv, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=MEAN_WARPS, num_stages=1)
-    return Intermediates(h_slots, p_slots, u, w, linv, e, vpri)
+        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=mean_warps, num_stages=1)
+    return Intermediates(h_slots, p_slots, u, w, linv, e, vpri, l_factor)
 
 
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
