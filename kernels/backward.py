@@ -1,15 +1,15 @@
 """Backward of the chunked filter, all in Triton kernels (no autograd).
 
 1. The forward's first two passes rerun (chunk_fwd.chunk_states) and give the chunk-boundary
-   states, the write directions U, gains w, L⁻¹ and innovations E; the forward saves only
-   its inputs.
+   states, the write directions U, gains w, L⁻¹ (and bayes' L), the whitened keys L⁻¹ K̃ and
+   the innovations E; the forward saves only its inputs.
 2. chunk_bwd.py: the adjoint of the mean runs backwards over the chunks (`_dstate_kernel`),
    then chunk-parallel kernels form every sum over V: dV and the adjoints of the chunk's
    key-side products (A diag(w), L, diag(Λ_C· w) U, diag(Γ) Q, K̃, Γ_C; see that module).
 3. Those products are functions of (q, k, g, beta) alone for reset: `_reset_keys_kernel`
    differentiates them by hand. For bayes they also depend on the process noise and the
    chunk's start covariance P_i: bayes_keys.py recomputes each chunk's factorisation adjoint
-   by hand (the derivation is in that module) from the saved L⁻¹, w, U and P_i.
+   by hand (the derivation is in that module) from the rerun's L⁻¹, L, w, U and P_i.
 4. bayes also carries the covariance adjoint across chunks. With Kalman-optimal gains the
    first-order change of the gains drops out of the covariance update
    (d(P̄ − P̄kkᵀP̄/s) = (I − ukᵀ/s) dP̄ (I − ukᵀ/s)ᵀ), so P_{i+1} moves by Φ_i dP_i Φ_iᵀ, with
@@ -93,24 +93,24 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     BVL = min(64, max(16, triton.next_power_of_2(V)))
     grid_cc = (plan.n_chunks, H)
     dS_final = torch.zeros(N, H, K, V, **f32) if dS_final is None else dS_final.float().contiguous()
-    mo = torch.empty(n_tok, H, C, **f32)
-    _readout_map_kernel[grid_cc](q, mid.u, g, mid.w, mid.linv, plan.chunks, plan.cu, mo, scale, H,
+    ma = torch.empty(n_tok, H, C, **f32)
+    _readout_map_kernel[grid_cc](q, mid.u, g, mid.w, plan.chunks, plan.cu, ma, scale, H,
                                  K=K, BKB=BKB, C=C, num_warps=4)
     dh_slots = torch.empty_like(mid.h_slots)
-    dR = torch.empty(n_tok, H, V, **f32)
+    dR = torch.empty(n_tok, H, V, **f32)                      # dE, made dR in place by _square_kernel
     _dstate_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, g, mid.u, mid.w, mid.linv, mo, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dR, scale, H,
+        q, k, g, mid.u, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dR, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C, U_IS_K=mid.u is k, KEY_DOTS=key_dots(k), num_warps=dstate_warps,
         num_stages=1)
+    Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
+    _square_kernel[grid_cc](mid.e, d_out, dR, mid.linv, plan.chunks, plan.cu, Gs, dL, scale, H, V=V, BV=BVL, C=C,
+                            num_warps=4)
     n_kb = triton.cdiv(K, BKB)
     dQS, EdS, dKt = (torch.empty(n_tok, H, K, **f32) for _ in range(3))
     dgc_blocks = torch.empty(n_kb, plan.n_chunks, H, **f32)
     _local_kernel[(n_kb, plan.n_chunks, H)](
         mid.e, d_out, dR, mid.h_slots, dh_slots, plan.chunks, plan.cu, plan.slot0,
         dQS, EdS, dKt, dgc_blocks, scale, H, plan.n_chunks, K=K, V=V, BKB=BKB, BV=BVL, C=C, num_warps=4)
-    Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
-    _square_kernel[grid_cc](mid.e, d_out, dR, plan.chunks, plan.cu, Gs, dL, scale, H, V=V, BV=BVL, C=C,
-                            num_warps=4)
     return dict(Gs=Gs, dL=dL, dQS=dQS, EdS=EdS, dKt=dKt, dR=dR, dgc=dgc_blocks.sum(0), dh_slots=dh_slots)
 
 

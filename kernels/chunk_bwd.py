@@ -5,14 +5,18 @@ Per chunk the forward reads out (filter_math.chunk_readout, with E = L⁻¹ R th
 R = V − K̃ S0 the residuals, w the gains):
     O   = scale · [diag(Γ) Q S0 + A diag(w) E],   A = tril(Q Uᵀ) ∘ Λ
     S_C = Γ_C S0 + (diag(Λ_C· w) U)ᵀ E.
-Given dO and the adjoint dS_C of the chunk's end state, the chain rule gives
-    dR  = L⁻ᵀ diag(w) [scale · Aᵀ dO + diag(Λ_C·) U dS_C] = Mo dO + L⁻ᵀ diag(w Λ_C·) U dS_C = dV,
-    dS0 = Γ_C dS_C + scale · (diag(Γ) Q)ᵀ dO − K̃ᵀ dR,
-so the adjoint of the state runs backwards over the chunks like the forward h-loop
-(`_dstate_kernel`, one program per (document, head, V block)), with the C × C map
-Mo = scale · L⁻ᵀ diag(w) Aᵀ formed once per chunk (`_readout_map_kernel`). Everything else
-is local to a chunk and needs a sum over V, which `_local_kernel` (C × K results, per K block)
-and `_square_kernel` (C × C results) form: the adjoints of the chunk's key-side products
+Given dO and the adjoint dS_C of the chunk's end state, the chain rule gives the adjoint of
+the innovations and of the residuals,
+    dE  = diag(w) [scale · Aᵀ dO + diag(Λ_C·) U dS_C] = Ma dO + diag(w Λ_C·) U dS_C,
+    dR  = L⁻ᵀ dE = dV,
+    dS0 = Γ_C dS_C + scale · (diag(Γ) Q)ᵀ dO − K̃ᵀ dR = Γ_C dS_C + scale · (diag(Γ) Q)ᵀ dO − Wᵀ dE,
+with W = L⁻¹ K̃ the forward's whitened keys. So the adjoint of the state runs backwards over
+the chunks like the forward h-loop (`_dstate_kernel`, one program per (document, head,
+V block)) with three products per chunk, the C × C map Ma = scale · diag(w) Aᵀ formed once
+per chunk (`_readout_map_kernel`), and dR = L⁻ᵀ dE after it, parallel over chunks
+(`_square_kernel`). Everything else is local to a chunk and needs a sum over V, which
+`_square_kernel` (C × C results) and `_local_kernel` (C × K results, per K block) form: the
+adjoints of the chunk's key-side products
     A diag(w) ← Gs = scale · dO Eᵀ,    L ← dL = −dR Eᵀ (strictly lower: E = L⁻¹ R),
     diag(Λ_C· w) U ← E dS_Cᵀ,   diag(Γ) Q ← scale · dO S0ᵀ,   K̃ ← −dR S0ᵀ,   Γ_C ← ⟨S0, dS_C⟩.
 For reset `_reset_keys_kernel` turns these into dq, dk, dg, dbeta (the formulas are in it);
@@ -25,13 +29,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _chunk_decays, _chunk_tokens, _last_row
+from .chunk_fwd import _chunk_decays, _chunk_end, _chunk_tokens, _last_row
 
 
 @triton.jit
-def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, linv_ptr, chunk_ptr, cu_ptr, mo_ptr, scale, H,
+def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, chunk_ptr, cu_ptr, ma_ptr, scale, H,
                         K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr):
-    """Mo = scale · L⁻ᵀ diag(w) Aᵀ of one chunk, A = tril(Q Uᵀ) ∘ Λ, stored by rows [B·T, H, C]."""
+    """Ma = scale · diag(w) Aᵀ of one chunk, A = tril(Q Uᵀ) ∘ Λ, stored by rows [B·T, H, C]."""
     c, h = tl.program_id(0), tl.program_id(1)
     n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     idx = tl.arange(0, C)
@@ -44,18 +48,17 @@ def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, linv_ptr, chunk_ptr, cu_ptr,
         QU += tl.dot(qc, tl.trans(U))
     _, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
     w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-    Linv = tl.load(linv_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
-    Mo = scale * tl.dot(tl.trans(Linv), tl.trans(QU * decay) * w[:, None])
-    tl.store(mo_ptr + tok[:, None] * C + idx[None, :], Mo, mask=valid[:, None])
+    Ma = scale * tl.trans(QU * decay) * w[:, None]
+    tl.store(ma_ptr + tok[:, None] * C + idx[None, :], Ma, mask=valid[:, None])
 
 
 @triton.jit
-def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, mo_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
-                   dh_ptr, dr_ptr, scale, H,
+def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
+                   dh_ptr, de_ptr, scale, H,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                    U_IS_K: tl.constexpr, KEY_DOTS: tl.constexpr):
     """Reverse h-loop. dh slot j receives the adjoint of the state at chunk boundary j (slot0 +
-    i + 1: the end of chunk i; slot0: the initial state); also stores dR (= dV) per token."""
+    i + 1: the end of chunk i; slot0: the initial state); also stores dE per token."""
     pid_v, pid = tl.program_id(0), tl.program_id(1)
     n, h = pid // H, pid % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -75,23 +78,16 @@ def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, mo_ptr, do_ptr, 
         tok = rows * H + h
         kmask = valid[:, None] & (kk[None, :] < K)
         vmask = valid[:, None] & (vv[None, :] < V)
-        qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
-        k_in = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-        kc = k_in.to(tl.float32)
         if U_IS_K:                                              # reset writes along the keys
-            U = k_in
+            U = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
         else:                                                   # bayes: fp32 write directions
             U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
         w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-        lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
-        gamma = tl.exp(lg)
-        last = _last_row(decay, C)
-        gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
+        gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
-        Linv = tl.load(linv_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
-        Mo = tl.load(mo_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
+        Ma = tl.load(ma_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
         # U·dS takes U as stored (reset: the bf16 keys) and dS rounded to it: bf16 tensor-core
-        # products, as the forward rounds S in K̃·S (_mean_kernel). Measured on an H100 at
+        # products, as the forward rounds S in W·S (_mean_kernel). Measured on an H100 at
         # K = 256: 5.9 → 3.6 ms for this kernel, 6e-4 relative change in dR. The transposed
         # products below stay fp32: with bf16 operands Triton 3.6 on Hopper produced illegal
         # memory accesses there.
@@ -99,10 +95,12 @@ def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, mo_ptr, do_ptr, 
             UdS = tl.dot(U, dS.to(U.dtype))
         else:
             UdS = tl.dot(U.to(tl.float32), dS)
-        dR = tl.dot(Mo, dO) + tl.dot(tl.trans(Linv) * (w * last)[None, :], UdS)
-        tl.store(dr_ptr + tok[:, None] * V + vv[None, :], dR, mask=vmask)
-        dS = (gamma_C * dS + scale * tl.dot(tl.trans(qc * gamma[:, None]), dO)
-              - tl.dot(tl.trans(kc * gamma[:, None]), dR))
+        dE = tl.dot(Ma, dO) + (w * last)[:, None] * UdS
+        tl.store(de_ptr + tok[:, None] * V + vv[None, :], dE, mask=vmask)
+        qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+        gamma = tl.exp(tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0))
+        Wk = tl.load(wk_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+        dS = gamma_C * dS + scale * tl.dot(tl.trans(qc * gamma[:, None]), dO) - tl.dot(tl.trans(Wk), dE)
     tl.store(dh_ptr + (slot0 * H + h).to(tl.int64) * K * V + state_off, dS, mask=state_mask)
 
 
@@ -145,13 +143,14 @@ def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_
 
 
 @triton.jit
-def _square_kernel(e_ptr, do_ptr, dr_ptr, chunk_ptr, cu_ptr, gs_ptr, dl_ptr, scale, H,
+def _square_kernel(e_ptr, do_ptr, dr_ptr, linv_ptr, chunk_ptr, cu_ptr, gs_ptr, dl_ptr, scale, H,
                    V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
-    """The C × C local terms of a chunk: Gs = scale·dO Eᵀ (lower with the diagonal) and
-    dL = −dR Eᵀ (strictly lower)."""
+    """dR = L⁻ᵀ dE in place (dr holds dE on entry), and the C × C local terms of a chunk:
+    Gs = scale·dO Eᵀ (lower with the diagonal) and dL = −dR Eᵀ (strictly lower)."""
     c, h = tl.program_id(0), tl.program_id(1)
     n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     idx = tl.arange(0, C)
+    Linv = tl.load(linv_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
     G = tl.zeros([C, C], dtype=tl.float32)
     dL = tl.zeros([C, C], dtype=tl.float32)
     for vb in range(0, V, BV):
@@ -159,7 +158,9 @@ def _square_kernel(e_ptr, do_ptr, dr_ptr, chunk_ptr, cu_ptr, gs_ptr, dl_ptr, sca
         vmask = valid[:, None] & (vv[None, :] < V)
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
         E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
-        dR = tl.load(dr_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
+        dE = tl.load(dr_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
+        dR = tl.dot(tl.trans(Linv), dE)
+        tl.store(dr_ptr + tok[:, None] * V + vv[None, :], dR, mask=vmask)
         G += tl.dot(dO, tl.trans(E))
         dL -= tl.dot(dR, tl.trans(E))
     out = tok[:, None] * C + idx[None, :]

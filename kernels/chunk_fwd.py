@@ -13,8 +13,9 @@ Passes (all fp32 state math; the matrix products run on tensor cores, TF32 for f
      Per chunk it builds S, factorises S = L D Lᵀ, and stores L⁻¹, w = 1/D, the write
      directions U and the prior part of the predictive variance.
      reset: `_reset_system_kernel`, parallel over chunks, inverts the delta-rule system.
-  2. `_mean_kernel`, one program per (document, head, V block): the h-loop carrying S = Mᵀ,
-     storing every chunk's start state and the innovations E = L⁻¹ (V − K̃ S0).
+  2. `_whiten_kernel`, parallel over chunks: W = L⁻¹ K̃ and L⁻¹ V. Then `_mean_kernel`, one
+     program per (document, head, V block): the h-loop carrying S = Mᵀ, storing every chunk's
+     start state and the innovations E = L⁻¹ (V − K̃ S0) = L⁻¹ V − W S0.
   3. `_output_kernel`, parallel over chunks: O = scale·[diag(Γ) Q S0 + (tril(Q Uᵀ) ∘ Λ) D⁻¹ E].
 """
 
@@ -225,10 +226,45 @@ def _reset_system_kernel(k_ptr, g_ptr, beta_ptr, chunk_ptr, cu_ptr, linv_ptr, H,
 
 
 @triton.jit
-def _mean_kernel(k_ptr, v_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, e_ptr, H,
+def _whiten_kernel(k_ptr, v_ptr, g_ptr, linv_ptr, chunk_ptr, cu_ptr, wk_ptr, e_ptr, H,
+                   K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+    """The chunk's whitened keys W = L⁻¹ K̃ (stored in wk's dtype) and whitened values L⁻¹ V
+    (stored in e, which the h-loop then turns into the innovations in place): parallel over
+    chunks, so that the serial h-loop has two products per chunk instead of three."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
+    idx = tl.arange(0, C)
+    gamma = tl.exp(tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0))
+    Linv = tl.load(linv_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
+    for kb in range(0, K, BKB):
+        cols = kb + tl.arange(0, BKB)
+        kmask = valid[:, None] & (cols[None, :] < K)
+        kc = tl.load(k_ptr + tok[:, None] * K + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
+        W = tl.dot(Linv, kc * gamma[:, None])
+        tl.store(wk_ptr + tok[:, None] * K + cols[None, :], W.to(wk_ptr.dtype.element_ty), mask=kmask)
+    for vb in range(0, V, BV):
+        vv = vb + tl.arange(0, BV)
+        vmask = valid[:, None] & (vv[None, :] < V)
+        vc = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
+        tl.store(e_ptr + tok[:, None] * V + vv[None, :], tl.dot(Linv, vc), mask=vmask)
+
+
+@triton.jit
+def _chunk_end(g_ptr, tok, valid, C: tl.constexpr):
+    """Γ_C and the decays Λ_C· from each token to the chunk end (row C − 1 of Λ), from the log
+    decays alone (padded rows read g = 0)."""
+    idx = tl.arange(0, C)
+    lg = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
+    lg_C = tl.sum(tl.where(idx == C - 1, lg, 0.0), 0)
+    return tl.exp(lg_C), tl.exp(lg_C - lg)
+
+
+@triton.jit
+def _mean_kernel(wk_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, e_ptr, H,
                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                  KEY_DOTS: tl.constexpr):
-    """The h-loop: S_C = Γ_C S0 + Uᵀ diag(Λ_C· w) E with E = L⁻¹ (V − K̃ S0).
+    """The h-loop: E = L⁻¹ V − W S0 (e holds L⁻¹ V on entry, W = L⁻¹ K̃ from _whiten_kernel) and
+    S_C = Γ_C S0 + Uᵀ diag(Λ_C· w) E.
 
     U and w are the write directions and gains: bayes passes its own, reset passes the keys
     and beta (same token-major layout).
@@ -250,24 +286,19 @@ def _mean_kernel(k_ptr, v_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, s0_ptr, cu_ptr, sl
         tok = rows * H + h
         kmask = valid[:, None] & (kk[None, :] < K)
         vmask = valid[:, None] & (vv[None, :] < V)
-        k_in = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-        lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
-        vc = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
+        Wk = tl.load(wk_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+        E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         if KEY_DOTS:
-            # The prediction K̃·S in the keys' dtype (bf16 in training: S rounded to 8 bits for
+            # The prediction W·S in the keys' dtype (bf16 in training: S rounded to 8 bits for
             # this product only, as fla does; it stays fp32 in the loop). On an H100 at K = 256
-            # this kernel went from 2.7 to 2.3 ms, the states moved by 1e-4 relative.
-            k_tilde = (k_in.to(tl.float32) * tl.exp(lg)[:, None]).to(k_in.dtype)
-            residual = vc - tl.dot(k_tilde, S.to(k_in.dtype))
+            # this took the h-loop from 2.7 to 2.3 ms, the states moved by 1e-4 relative.
+            E -= tl.dot(Wk, S.to(Wk.dtype))
         else:
-            residual = vc - tl.dot(k_in.to(tl.float32) * tl.exp(lg)[:, None], S)
-        Linv = tl.load(linv_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
-        E = tl.dot(Linv, residual)
+            E -= tl.dot(Wk.to(tl.float32), S)
         tl.store(e_ptr + tok[:, None] * V + vv[None, :], E, mask=vmask)
         U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-        last = _last_row(decay, C)
-        gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
+        gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
         S = gamma_C * S + tl.dot(tl.trans(U), E * (last * w)[:, None])
     n_chunks = tl.cdiv(eos - bos, C)
     tl.store(h_ptr + ((slot0 + n_chunks) * H + h).to(tl.int64) * K * V + state_off, S, mask=state_mask)
@@ -340,7 +371,7 @@ class Plan:
 
 
 # Launch settings (module constants so a tuning script can try others).
-COV_WARPS, OUT_WARPS = 8, 4
+COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS = 8, 4, 4
 
 
 def key_dots(k):
@@ -382,7 +413,8 @@ class Intermediates:
     """What the first two forward passes leave behind, token-major [B·T, H, ...] fp32 unless
     noted: the chunk-boundary states h_slots [n_slots, H, K, V] and p_slots [n_slots, H, K, K]
     (bayes, else None), write directions u (reset: the keys k themselves), gains w (reset:
-    beta), L⁻¹ of every chunk's system [B·T, H, C], innovations e [B·T, H, V], the prior part
+    beta), L⁻¹ of every chunk's system [B·T, H, C], innovations e [B·T, H, V], the whitened
+    keys wkeys = L⁻¹ K̃ [B·T, H, K] (the keys' dtype when they are dot operands), the prior part
     of the predictive variance vpri (bayes with output_variance, else None) and L itself (bayes
     when the backward asks for it, else None)."""
 
@@ -392,6 +424,7 @@ class Intermediates:
     w: torch.Tensor
     linv: torch.Tensor
     e: torch.Tensor
+    wkeys: torch.Tensor
     vpri: Optional[torch.Tensor]
     l: Optional[torch.Tensor] = None
 
@@ -431,14 +464,18 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         _check_pivots(w)
     else:
         _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
-                                                  K=K, BK=BK, C=C, num_warps=4)
+                                                  K=K, BK=BK, C=C, num_warps=RESET_SYSTEM_WARPS)
         u, w = k, beta                          # reset: write along the keys with gain beta
     e = torch.empty(n_tok, H, V, **f32)
+    wkeys = torch.empty(n_tok, H, K, dtype=k.dtype if key_dots(k) else torch.float32, device=dev)
+    _whiten_kernel[(plan.n_chunks, H)](k, v, g, linv, plan.chunks, plan.cu, wkeys, e, H, K=K, V=V,
+                                       BKB=min(BK, 64), BV=min(64, max(16, triton.next_power_of_2(V))), C=C,
+                                       num_warps=4)
     BV, mean_warps = _mean_launch(K, V, u is k)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
-        k, v, g, u, w, linv, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
+        wkeys, g, u, w, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=mean_warps, num_stages=1)
-    return Intermediates(h_slots, p_slots, u, w, linv, e, vpri, l_factor)
+    return Intermediates(h_slots, p_slots, u, w, linv, e, wkeys, vpri, l_factor)
 
 
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
