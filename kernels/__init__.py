@@ -76,7 +76,7 @@ def triton_bayes_filter(q, k, v, g, beta, *, mode, process_noise, prior_scale, s
     else:
         noise = torch.zeros(B, T, H, dtype=torch.float32, device=q.device)
     S0, P0 = _initial_belief(initial_state, mode, cu_seqlens, B, H, K, V, prior_scale, torch.float32, q.device)
-    o, variance, S, P = torch.ops.titan_bayes.chunk_fwd(
+    o, variance, S, P, *_factors = torch.ops.titan_bayes.chunk_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
         noise.contiguous(), S0.contiguous(), P0.contiguous() if P0 is not None else None, cu_seqlens,
         mode, scale, output_variance, chunk_size, _n_slots(B, T, cu_seqlens, chunk_size))

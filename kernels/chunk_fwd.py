@@ -109,7 +109,10 @@ def _unit_lower_inverse(A, C: tl.constexpr):
 def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr,
                       u_ptr, linv_ptr, l_ptr, w_ptr, vpri_ptr, H,
                       K: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
-                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, STORE_L: tl.constexpr):
+                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr):
+    """The covariance sweep of one (document, head). GIVEN_FACTORS (the backward's rerun): L⁻¹
+    and w come from the forward, so only X, U and P are formed again, not S and its LDLᵀ
+    (the serial elimination is most of a chunk's time); otherwise L⁻¹, L and w are stored."""
     pid = tl.program_id(0)
     n, h = pid // H, pid % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -143,23 +146,27 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
             P_blk = tl.load(p_base + kk[:, None] * K + cols[None, :], mask=(kk[:, None] < K) & cmask[None, :], other=0.0)
             kP = tl.dot(k_tilde, P_blk)                        # [C, BP] block of K̃ P0
             k_blk = tl.load(k_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            S += tl.dot(kP, tl.trans(k_blk * gamma[:, None]))
+            if not GIVEN_FACTORS:
+                S += tl.dot(kP, tl.trans(k_blk * gamma[:, None]))
             X = gamma[:, None] * kP + d[:, None] * k_blk       # rows Γ_t² P0 k_t + d_t k_t
             tl.store(x_base + idx[:, None] * K + cols[None, :], X, mask=cmask[None, :])
             if WITH_VARIANCE:
                 q_blk = tl.load(q_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
                 q_P_q += tl.sum(tl.dot(qc, P_blk) * q_blk, 1)
-        # Process noise between observations: (K Kᵀ) ∘ Ψ, Ψ_ts = Λ_ts d_s for t ≥ s, symmetric.
-        psi = decay * d[None, :]
-        psi = psi + tl.trans(psi) - tl.where(idx[:, None] == idx[None, :], d[None, :], 0.0)
-        S += tl.dot(kc, tl.trans(kc)) * psi
-        S = 0.5 * (S + tl.trans(S)) + tl.where(idx[:, None] == idx[None, :], r[None, :], 0.0)
-        Linv, D, L = _ldl_inverse(S, C)
-        w = 1.0 / D
-        tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
-        if STORE_L:
+        if GIVEN_FACTORS:
+            Linv = tl.load(linv_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
+            w = tl.load(w_ptr + tok, mask=valid, other=0.0)
+        else:
+            # Process noise between observations: (K Kᵀ) ∘ Ψ, Ψ_ts = Λ_ts d_s for t ≥ s, symmetric.
+            psi = decay * d[None, :]
+            psi = psi + tl.trans(psi) - tl.where(idx[:, None] == idx[None, :], d[None, :], 0.0)
+            S += tl.dot(kc, tl.trans(kc)) * psi
+            S = 0.5 * (S + tl.trans(S)) + tl.where(idx[:, None] == idx[None, :], r[None, :], 0.0)
+            Linv, D, L = _ldl_inverse(S, C)
+            w = 1.0 / D
+            tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
             tl.store(l_ptr + tok[:, None] * C + idx[None, :], L, mask=valid[:, None])
-        tl.store(w_ptr + tok, w, mask=valid)
+            tl.store(w_ptr + tok, w, mask=valid)
         if WITH_VARIANCE:
             q_sq = tl.sum(qc * qc, 1)
             tl.store(vpri_ptr + tok, gamma * gamma * q_P_q + d * q_sq, mask=valid)
@@ -418,8 +425,8 @@ class Intermediates:
     (bayes, else None), write directions u (reset: the keys k themselves), gains w (reset:
     beta), L⁻¹ of every chunk's system [B·T, H, C], innovations e [B·T, H, V], the whitened
     keys wkeys = L⁻¹ K̃ [B·T, H, K] (the keys' dtype when they are dot operands), the prior part
-    of the predictive variance vpri (bayes with output_variance, else None) and L itself (bayes
-    when the backward asks for it, else None)."""
+    of the predictive variance vpri (bayes with output_variance, else None) and L itself (bayes,
+    else None)."""
 
     h_slots: torch.Tensor
     p_slots: Optional[torch.Tensor]
@@ -432,10 +439,11 @@ class Intermediates:
     l: Optional[torch.Tensor] = None
 
 
-def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size, keep_l=False):
+def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size, factors=None):
     """Passes 1 and 2 of the forward (covariance or reset system, then the mean h-loop).
     Inputs [B, T, H, ...] contiguous (noise fp32, bayes only); S0 [N, H, K, V] fp32,
-    P0 [N, H, K, K] fp32 (bayes) or None; keep_l: also keep bayes' L (the backward's rerun).
+    P0 [N, H, K, K] fp32 (bayes) or None; factors: bayes' (L⁻¹, L, w) from an earlier run on
+    the same inputs (the backward's rerun skips the factorisation then).
     Returns Intermediates; the final state of document n is slot slot0[n] + NT_n of h_slots
     (and p_slots)."""
     B, T, H, K = q.shape
@@ -445,7 +453,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     BK = max(16, triton.next_power_of_2(K))
     n_tok = B * T
     f32 = dict(dtype=torch.float32, device=dev)
-    linv = torch.empty(n_tok, H, C, **f32)
+    linv = torch.empty(n_tok, H, C, **f32) if factors is None else factors[0]
     h_slots = torch.empty(plan.n_slots, H, K, V, **f32)
     p_slots = None
     vpri = None
@@ -454,17 +462,20 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         p_slots = torch.empty(plan.n_slots, H, K, K, **f32)
         p_slots[plan.slot0.long()] = P0.float()
         u = torch.empty(n_tok, H, K, **f32)
-        w = torch.empty(n_tok, H, **f32)
+        if factors is None:
+            l_factor, w = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, **f32)
+        else:
+            l_factor, w = factors[1], factors[2]
         vpri = torch.empty(n_tok, H, **f32) if output_variance else None
-        l_factor = torch.empty(n_tok, H, C, **f32) if keep_l else None
         scratch = torch.empty(plan.n_docs * H, C, K, **f32)
         BP = min(BK, COV_BLOCK)
         _bayes_cov_kernel[(plan.n_docs * H,)](
-            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv,
-            l_factor if keep_l else linv, w, vpri if vpri is not None else w, H,
-            K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, STORE_L=keep_l,
-            num_warps=COV_WARPS, num_stages=1)
-        _check_pivots(w)
+            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv, l_factor, w,
+            vpri if vpri is not None else w, H,
+            K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
+            GIVEN_FACTORS=factors is not None, num_warps=COV_WARPS, num_stages=1)
+        if factors is None:
+            _check_pivots(w)
     else:
         _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
                                                   K=K, BK=BK, C=C, num_warps=RESET_SYSTEM_WARPS)
@@ -484,7 +495,8 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
     """The whole forward: chunk_states, then the outputs (pass 3).
 
-    Returns (o, variance or None, h_slots [n_slots, H, K, V], p_slots [n_slots, H, K, K] or None).
+    Returns (o, variance or None, h_slots [n_slots, H, K, V], p_slots [n_slots, H, K, K] or None,
+    bayes' factors (L⁻¹, L, w) for the backward or None).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -501,4 +513,5 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
         WITH_VARIANCE=output_variance and mode == "bayes", num_warps=OUT_WARPS)
     if output_variance and mode != "bayes":
         variance.zero_()
-    return o, variance, mid.h_slots, mid.p_slots
+    factors = (mid.linv, mid.l, mid.w) if mode == "bayes" else None
+    return o, variance, mid.h_slots, mid.p_slots, factors

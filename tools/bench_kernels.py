@@ -1,6 +1,6 @@
 """Benchmark of the filter kernels (issue 3), all timings from one run on one GPU.
 
-    python tools/bench_kernels.py [--shapes all|small|targets] [--no-pytorch] [--out table.md]
+    python tools/bench_kernels.py [--shapes all|small|targets|long] [--no-pytorch] [--out table.md]
 
 For every shape (B, T, H, K, V) it times forward and forward+backward of
   - ours: bayes_filter(mode="bayes") and mode="reset" with backend="triton",
@@ -172,12 +172,13 @@ def bench_decode(lines):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", default="all", choices=["all", "small", "targets"])
+    parser.add_argument("--shapes", default="all", choices=["all", "small", "targets", "long"],
+                        help="targets: the issue's two target shapes; long: the T >= 8192 ones")
     parser.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch chunked path")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--decode-only", action="store_true", help="only the one-token step")
     args = parser.parse_args()
-    shapes = {"all": SHAPES, "small": SHAPES[1:3], "targets": SHAPES[:2]}[args.shapes]
+    shapes = {"all": SHAPES, "small": SHAPES[1:3], "targets": SHAPES[:2], "long": SHAPES[3:]}[args.shapes]
     shapes = [] if args.decode_only else shapes
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     lines = ["| shape (B,T,H,K,V) | impl | fwd ms | fwd+bwd ms | fwd / fla | fwd+bwd / fla | fwd TFLOP/s | "
