@@ -33,13 +33,13 @@ from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _rese
 from .chunk_fwd import chunk_states, key_dots
 
 
-def _dstate_launch(K, V, u_is_k):
-    """(BV, num_warps) of the reverse state sweep. Measured on an H100 with Triton 3.6: reset
-    (bf16 keys in U·dS) at K = 256 takes 3.6 ms with (64, 8) against 5.9 with (32, 4); at
-    K = 128, (32, 4) is best. bayes (fp32 U) takes V blocks of 64 and 4 warps at
-    every K (at K = 256: 5.6 ms against 8.1 with (32, 4)).
+def _dstate_launch(K, V, u_dots):
+    """(BV, num_warps) of the reverse state sweep. Measured on an H100 with Triton 3.6: with
+    bf16 U (reset's keys) at K = 256 it takes 3.6 ms with (64, 8) against 5.9 with (32, 4); at
+    K = 128, (32, 4) is best. fp32 U takes V blocks of 64 and 4 warps at every K (at K = 256:
+    5.6 ms against 8.1 with (32, 4)).
     (32, 8) and (16, 8) returned NaNs there (a Triton 3.6 Hopper miscompilation): avoid them."""
-    if not u_is_k:
+    if u_dots.dtype == torch.float32:
         return max(16, min(triton.next_power_of_2(V), 64)), 4
     if K > 128:
         return min(64, max(16, triton.next_power_of_2(V))), 8
@@ -92,18 +92,18 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     n_tok, N = B * T, plan.n_docs
     BK = max(16, triton.next_power_of_2(K))
     BKB = _key_block(K)
-    BV, dstate_warps = _dstate_launch(K, V, mid.u is k)
+    BV, dstate_warps = _dstate_launch(K, V, mid.u_dots)
     BVL = min(64, max(16, triton.next_power_of_2(V)))
     grid_cc = (plan.n_chunks, H)
     dS_final = torch.zeros(N, H, K, V, **f32) if dS_final is None else dS_final.float().contiguous()
     ma = torch.empty(n_tok, H, C, **f32)
-    _readout_map_kernel[grid_cc](q, mid.u, g, mid.w, plan.chunks, plan.cu, ma, scale, H,
+    _readout_map_kernel[grid_cc](q, mid.u_dots, g, mid.w, plan.chunks, plan.cu, ma, scale, H,
                                  K=K, BKB=BKB, C=C, num_warps=4)
     dh_slots = torch.empty_like(mid.h_slots)
     dR = torch.empty(n_tok, H, V, **f32)                      # dE, made dR in place by _square_kernel
     _dstate_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, g, mid.u, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dR, scale, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, U_IS_K=mid.u is k, KEY_DOTS=key_dots(k), num_warps=dstate_warps,
+        q, g, mid.u_dots, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dR, scale, H,
+        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=dstate_warps,
         num_stages=1)
     Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
     _square_kernel[grid_cc](mid.e, d_out, dR, mid.linv, plan.chunks, plan.cu, Gs, dL, scale, H, V=V, BV=BVL, C=C,

@@ -53,10 +53,10 @@ def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, chunk_ptr, cu_ptr, ma_ptr, s
 
 
 @triton.jit
-def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
+def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
                    dh_ptr, de_ptr, scale, H,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                   U_IS_K: tl.constexpr, KEY_DOTS: tl.constexpr):
+                   KEY_DOTS: tl.constexpr):
     """Reverse h-loop. dh slot j receives the adjoint of the state at chunk boundary j (slot0 +
     i + 1: the end of chunk i; slot0: the initial state); also stores dE per token."""
     pid_v, pid = tl.program_id(0), tl.program_id(1)
@@ -78,15 +78,13 @@ def _dstate_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, ds
         tok = rows * H + h
         kmask = valid[:, None] & (kk[None, :] < K)
         vmask = valid[:, None] & (vv[None, :] < V)
-        if U_IS_K:                                              # reset writes along the keys
-            U = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-        else:                                                   # bayes: fp32 write directions
-            U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+        U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
         w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
         Ma = tl.load(ma_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
-        # U·dS takes U as stored (reset: the bf16 keys) and dS rounded to it: bf16 tensor-core
+        # U·dS takes U as stored (bf16 in training: reset's keys, bayes' copy) and dS rounded
+        # to it: bf16 tensor-core
         # products, as the forward rounds S in W·S (_mean_kernel). Measured on an H100 at
         # K = 256: 5.9 → 3.6 ms for this kernel, 6e-4 relative change in dR. The transposed
         # products below stay fp32: with bf16 operands Triton 3.6 on Hopper produced illegal

@@ -107,12 +107,15 @@ def _unit_lower_inverse(A, C: tl.constexpr):
 
 @triton.jit
 def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr,
-                      u_ptr, linv_ptr, l_ptr, w_ptr, vpri_ptr, H,
+                      u_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, vpri_ptr, H,
                       K: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
-                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr):
+                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr,
+                      U_COPY: tl.constexpr):
     """The covariance sweep of one (document, head). GIVEN_FACTORS (the backward's rerun): L⁻¹
     and w come from the forward, so only X, U and P are formed again, not S and its LDLᵀ
-    (the serial elimination is most of a chunk's time); otherwise L⁻¹, L and w are stored."""
+    (the serial elimination is most of a chunk's time); otherwise L⁻¹, L and w are stored.
+    U_COPY: U also goes to ud in that tensor's dtype (the keys' 16-bit one), for the value
+    kernels' products."""
     pid = tl.program_id(0)
     n, h = pid // H, pid % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -177,7 +180,11 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
             cols = jb + pp
             cmask = cols < K
             X = tl.load(x_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
-            tl.store(u_ptr + tok[:, None] * K + cols[None, :], tl.dot(M_inv, X), mask=valid[:, None] & cmask[None, :])
+            U_blk = tl.dot(M_inv, X)
+            tl.store(u_ptr + tok[:, None] * K + cols[None, :], U_blk, mask=valid[:, None] & cmask[None, :])
+            if U_COPY:
+                tl.store(ud_ptr + tok[:, None] * K + cols[None, :], U_blk.to(ud_ptr.dtype.element_ty),
+                         mask=valid[:, None] & cmask[None, :])
         tl.debug_barrier()                                     # U read back by other threads
         _update_covariance(u_ptr, p_base, p_base + H * K * K, tok, valid, lg, decay, d, w, K, BP, C)
         tl.debug_barrier()                                     # next chunk reads the new P
@@ -398,12 +405,13 @@ def _block_v(K, V):
     return max(16, min(triton.next_power_of_2(V), 32 if K > 128 else 64))
 
 
-def _mean_launch(K, V, u_is_k):
+def _mean_launch(K, V, u_dots):
     """(BV, num_warps) of the h-loop. Measured on an H100 (Triton 3.6) at K = 256, V = 512:
-    bayes (fp32 U, read again by every V block) 6.3 → 3.7 ms with (64, 8) instead of (32, 4);
-    reset is fastest at (32, 4) (2.0 ms; (64, 8) 2.25, (64, 4) 3.1). (32, 8) returned NaNs
-    there (the Triton 3.6 Hopper miscompilation noted at backward._dstate_launch): avoid it."""
-    if K > 128 and not u_is_k:
+    with fp32 U (read again by every V block) 6.3 → 3.7 ms with (64, 8) instead of (32, 4);
+    with bf16 U (reset's keys) (32, 4) is fastest (2.0 ms; (64, 8) 2.25, (64, 4) 3.1).
+    (32, 8) returned NaNs there (the Triton 3.6 Hopper miscompilation noted at
+    backward._dstate_launch): avoid it."""
+    if K > 128 and u_dots.dtype == torch.float32:
         return max(16, min(triton.next_power_of_2(V), 64)), 8
     return _block_v(K, V), 4
 
@@ -422,15 +430,18 @@ def _check_pivots(w):
 class Intermediates:
     """What the first two forward passes leave behind, token-major [B·T, H, ...] fp32 unless
     noted: the chunk-boundary states h_slots [n_slots, H, K, V] and p_slots [n_slots, H, K, K]
-    (bayes, else None), write directions u (reset: the keys k themselves), gains w (reset:
-    beta), L⁻¹ of every chunk's system [B·T, H, C], innovations e [B·T, H, V], the whitened
-    keys wkeys = L⁻¹ K̃ [B·T, H, K] (the keys' dtype when they are dot operands), the prior part
-    of the predictive variance vpri (bayes with output_variance, else None) and L itself (bayes,
-    else None)."""
+    (bayes, else None); the write directions u (reset: the keys k themselves) and u_dots, the
+    copy that the value kernels' products read (bayes with 16-bit keys: u in the keys' dtype,
+    as reset reads its keys; else u itself); gains w (reset: beta); L⁻¹ of every chunk's
+    system [B·T, H, C]; innovations e [B·T, H, V]; the whitened keys wkeys = L⁻¹ K̃
+    [B·T, H, K] (the keys' dtype when they are dot operands); the prior part of the
+    predictive variance vpri (bayes with output_variance, else None); L itself (bayes, else
+    None)."""
 
     h_slots: torch.Tensor
     p_slots: Optional[torch.Tensor]
     u: torch.Tensor
+    u_dots: torch.Tensor
     w: torch.Tensor
     linv: torch.Tensor
     e: torch.Tensor
@@ -462,6 +473,8 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         p_slots = torch.empty(plan.n_slots, H, K, K, **f32)
         p_slots[plan.slot0.long()] = P0.float()
         u = torch.empty(n_tok, H, K, **f32)
+        u_copy = key_dots(k) and k.dtype != torch.float32
+        u_dots = torch.empty(n_tok, H, K, dtype=k.dtype, device=dev) if u_copy else u
         if factors is None:
             l_factor, w = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, **f32)
         else:
@@ -470,26 +483,27 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         scratch = torch.empty(plan.n_docs * H, C, K, **f32)
         BP = min(BK, COV_BLOCK)
         _bayes_cov_kernel[(plan.n_docs * H,)](
-            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, linv, l_factor, w,
+            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, u_dots, linv, l_factor, w,
             vpri if vpri is not None else w, H,
             K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
-            GIVEN_FACTORS=factors is not None, num_warps=COV_WARPS, num_stages=1)
+            GIVEN_FACTORS=factors is not None, U_COPY=u_copy, num_warps=COV_WARPS, num_stages=1)
         if factors is None:
             _check_pivots(w)
     else:
         _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
                                                   K=K, BK=BK, C=C, num_warps=RESET_SYSTEM_WARPS)
         u, w = k, beta                          # reset: write along the keys with gain beta
+        u_dots = k
     e = torch.empty(n_tok, H, V, **f32)
     wkeys = torch.empty(n_tok, H, K, dtype=k.dtype if key_dots(k) else torch.float32, device=dev)
     _whiten_kernel[(plan.n_chunks, H)](k, v, g, linv, plan.chunks, plan.cu, wkeys, e, H, K=K, V=V,
                                        BKB=min(BK, 64), BV=min(64, max(16, triton.next_power_of_2(V))), C=C,
                                        num_warps=4)
-    BV, mean_warps = _mean_launch(K, V, u is k)
+    BV, mean_warps = _mean_launch(K, V, u_dots)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
-        wkeys, g, u, w, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
+        wkeys, g, u_dots, w, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=mean_warps, num_stages=1)
-    return Intermediates(h_slots, p_slots, u, w, linv, e, wkeys, vpri, l_factor)
+    return Intermediates(h_slots, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor)
 
 
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
@@ -507,7 +521,7 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
     variance = torch.empty(B, T, H, dtype=v.dtype, device=q.device) if output_variance else None
     BV = _block_v(K, V)
     _output_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](
-        q, g, mid.u, mid.w, mid.e, mid.h_slots, mid.vpri if mid.vpri is not None else mid.w, plan.chunks,
+        q, g, mid.u_dots, mid.w, mid.e, mid.h_slots, mid.vpri if mid.vpri is not None else mid.w, plan.chunks,
         plan.cu, plan.slot0, o, variance if variance is not None else o, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C,
         WITH_VARIANCE=output_variance and mode == "bayes", num_warps=OUT_WARPS)

@@ -19,6 +19,7 @@ from interpreter import cases_of, check_case, print_case_results, run_interprete
 
 FP32_TOL = 1e-5      # fp32 kernels vs the float64 filter: round-off only
 BF16_TOL = 1e-2      # bf16 inputs and outputs (8 mantissa bits), same rounded inputs on both sides
+FP16_TOL = 5e-3      # fp16 (11-bit significands, unit round-off 4.9e-4) operands and outputs: ~10 round-offs
 
 
 def rel(a, b):
@@ -101,6 +102,13 @@ def case_reset_batch():
 def case_bayes_bf16_inputs():
     return _compare("bayes", make_inputs(B=1, T=64, H=2, K=16, V=16, seed=10), dtype=torch.bfloat16,
                     grads=False), BF16_TOL
+
+
+def case_bayes_fp16_inputs_gradients():
+    # 16-bit keys are dot operands in the state sweeps (KEY_DOTS) and bayes keeps a 16-bit copy of
+    # U for them (U_COPY): under the interpreter only fp16 takes that path (its bf16 dots are wrong).
+    inputs = make_inputs(B=1, T=48, H=2, K=16, V=16, seed=12)
+    return _compare("bayes", inputs, dtype=torch.float16, cu_seqlens=torch.tensor([0, 20, 48])), FP16_TOL
 
 
 def case_bayes_keys_several_key_blocks_varlen_variance():
