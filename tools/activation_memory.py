@@ -15,10 +15,11 @@ L, documents of L tokens are packed (doc_starts), so per-document costs are incl
 amortised over L tokens.
 
 The filter. On CPU `bayes_filter` takes the chunked PyTorch path, whose autograd graph keeps
-every chunk intermediate; on a GPU the Triton custom op (kernels/ops.py) saves only its
-inputs. The block therefore runs the real op without grad and wraps it in a stand-in that
-saves what the custom op saves (q, k, v, g, beta, the fp32 process noise, the initial states),
-so these numbers are the GPU's. `--filter chunked` measures the CPU path instead.
+every chunk intermediate; on a GPU the Triton custom op (kernels/ops.py) saves its inputs
+and, for bayes, each chunk's factors. The block therefore runs the real op without grad and
+wraps it in a stand-in that saves what the custom op saves (q, k, v, g, beta, the fp32 process
+noise, the initial states; bayes: L⁻¹, L [B·T, H, C] and the gains [B·T, H], fp32), so these
+numbers are the GPU's. `--filter chunked` measures the CPU path instead.
 
 Each storage is counted once (a tensor saved by several ops, e.g. the normed input of the six
 projections, is one allocation), charged to the first module that saved it; parameters are
@@ -52,8 +53,8 @@ class _SavesLikeKernel(torch.autograd.Function):
     """Output of the real filter; saves the tensors kernels/ops.py's custom op saves."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, noise, S0, P0, o):
-        ctx.save_for_backward(q, k, v, g, beta, noise, S0, P0)
+    def forward(ctx, q, k, v, g, beta, noise, S0, P0, linv, l_factor, w, o):
+        ctx.save_for_backward(q, k, v, g, beta, noise, S0, P0, linv, l_factor, w)
         return o.clone()
 
     @staticmethod
@@ -62,14 +63,14 @@ class _SavesLikeKernel(torch.autograd.Function):
 
 
 def kernel_like_filter(q, k, v, g, beta, *, mode, process_noise=None, prior_scale=1.0,
-                       cu_seqlens=None, **kw):
+                       cu_seqlens=None, chunk_size=64, **kw):
     """bayes_filter with the custom op's saved tensors (built as triton_bayes_filter builds
     them: contiguous inputs, fp32 noise, fp32 zero mean and prior covariance per sequence)."""
     from titan_bayes.ops.api import _initial_belief
 
     with torch.no_grad():
         o, _ = _real_filter(q, k, v, g, beta, mode=mode, process_noise=process_noise,
-                            prior_scale=prior_scale, cu_seqlens=cu_seqlens, **kw)
+                            prior_scale=prior_scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size, **kw)
     B, T, H, K = q.shape
     if mode == "bayes":
         noise = fm.stationary_process_noise(g.float()) if process_noise is None else process_noise.float()
@@ -79,7 +80,11 @@ def kernel_like_filter(q, k, v, g, beta, *, mode, process_noise=None, prior_scal
                              torch.float32, q.device)
     P0 = torch.empty(0) if P0 is None else P0
     inputs = [t.contiguous() for t in (q, k, v, g, beta, noise, S0, P0)]
-    return _SavesLikeKernel.apply(*inputs, o), None
+    if mode == "bayes":
+        factors = [torch.empty(B * T, H, chunk_size), torch.empty(B * T, H, chunk_size), torch.empty(B * T, H)]
+    else:
+        factors = [torch.empty(0) for _ in range(3)]
+    return _SavesLikeKernel.apply(*inputs, *factors, o), None
 
 
 _real_filter = model_module.bayes_filter
