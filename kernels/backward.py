@@ -46,7 +46,7 @@ def _dstate_launch(K, V, u_dots):
     return min(32, max(16, triton.next_power_of_2(V))), 4
 
 
-# Launch settings (module constants so a tuning script can try others): bayes' key-side
+# Launch settings (module constants: tools/profile_kernels.py --set tries others): bayes' key-side
 # kernels (bayes_keys.py: own terms, covariance sweep, input gradients). Swept on an H100 at
 # (8, 4096, 6, 256, 512) and (8, 4096, 8, 128, 128): own 7.3 → 6.0 ms at K = 256 with 8 warps
 # (equal at 128), sweep 9.6 → 8.7 and 2.9 → 2.5 ms with 4, keys 12.1 / 10.3 ms with 8 (4: 17.1 / 15.6).

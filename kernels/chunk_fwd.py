@@ -384,7 +384,7 @@ class Plan:
         self.per_doc = per_doc
 
 
-# Launch settings (module constants so a tuning script can try others). The reset system's
+# Launch settings (module constants: tools/profile_kernels.py --set tries others). The reset system's
 # serial inverse is latency-bound: 2 warps took it from 1.54 to 0.60 ms at (8, 4096, 6, 256)
 # on an H100 (0.89 → 0.82 at H = 8, K = 128; 1 warp: 1.20 and 0.87).
 COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS = 8, 4, 2
