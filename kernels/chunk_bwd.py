@@ -84,9 +84,8 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, 
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
         Ma = tl.load(ma_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
         # U·dS takes U as stored (bf16 in training: reset's keys, bayes' copy) and dS rounded
-        # to it: bf16 tensor-core
-        # products, as the forward rounds S in W·S (_mean_kernel). Measured on an H100 at
-        # K = 256: 5.9 → 3.6 ms for this kernel, 6e-4 relative change in dR. The transposed
+        # to it: bf16 tensor-core products, as the forward rounds S in W·S (_mean_kernel). On
+        # an H100 at K = 256: 5.9 → 3.6 ms for this kernel, 6e-4 relative change in dR. The transposed
         # products below stay fp32: with bf16 operands Triton 3.6 on Hopper produced illegal
         # memory accesses there.
         if KEY_DOTS:
