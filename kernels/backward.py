@@ -30,7 +30,7 @@ from titan_bayes.ops import filter_math as fm
 
 from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel
 from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
-from .chunk_fwd import chunk_states, key_dots
+from .chunk_fwd import _v_block, chunk_states, key_dots
 
 
 def _dstate_launch(K, V, u_dots):
@@ -40,10 +40,10 @@ def _dstate_launch(K, V, u_dots):
     5.6 ms against 8.1 with (32, 4)).
     (32, 8) and (16, 8) returned NaNs there (a Triton 3.6 Hopper miscompilation): avoid them."""
     if u_dots.dtype == torch.float32:
-        return max(16, min(triton.next_power_of_2(V), 64)), 4
+        return _v_block(V, 64), 4
     if K > 128:
-        return min(64, max(16, triton.next_power_of_2(V))), 8
-    return min(32, max(16, triton.next_power_of_2(V))), 4
+        return _v_block(V, 64), 8
+    return _v_block(V, 32), 4
 
 
 # Launch settings (module constants: tools/profile_kernels.py --set tries others): bayes' key-side
@@ -93,7 +93,7 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     BK = max(16, triton.next_power_of_2(K))
     BKB = _key_block(K)
     BV, dstate_warps = _dstate_launch(K, V, mid.u_dots)
-    BVL = min(64, max(16, triton.next_power_of_2(V)))
+    BVL = _v_block(V, 64)
     grid_cc = (plan.n_chunks, H)
     dS_final = torch.zeros(N, H, K, V, **f32) if dS_final is None else dS_final.float().contiguous()
     ma = torch.empty(n_tok, H, C, **f32)

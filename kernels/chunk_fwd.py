@@ -400,9 +400,14 @@ def key_dots(k):
     return not (k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+def _v_block(V, cap):
+    """A power-of-two block of the value dimension: V rounded up, at least 16, at most cap."""
+    return max(16, min(triton.next_power_of_2(V), cap))
+
+
 def _block_v(K, V):
     # The h-loop holds S0 [K, BV] and U, K̃ [C, K] in registers: narrower V blocks for K = 256.
-    return max(16, min(triton.next_power_of_2(V), 32 if K > 128 else 64))
+    return _v_block(V, 32 if K > 128 else 64)
 
 
 def _mean_launch(K, V, u_dots):
@@ -412,7 +417,7 @@ def _mean_launch(K, V, u_dots):
     (32, 8) returned NaNs there (the Triton 3.6 Hopper miscompilation noted at
     backward._dstate_launch): avoid it."""
     if K > 128 and u_dots.dtype == torch.float32:
-        return max(16, min(triton.next_power_of_2(V), 64)), 8
+        return _v_block(V, 64), 8
     return _block_v(K, V), 4
 
 
@@ -497,7 +502,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     e = torch.empty(n_tok, H, V, **f32)
     wkeys = torch.empty(n_tok, H, K, dtype=k.dtype if key_dots(k) else torch.float32, device=dev)
     _whiten_kernel[(plan.n_chunks, H)](k, v, g, linv, plan.chunks, plan.cu, wkeys, e, H, K=K, V=V,
-                                       BKB=min(BK, 64), BV=min(64, max(16, triton.next_power_of_2(V))), C=C,
+                                       BKB=min(BK, 64), BV=_v_block(V, 64), C=C,
                                        num_warps=4)
     BV, mean_warps = _mean_launch(K, V, u_dots)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
