@@ -3,7 +3,7 @@
 1. The forward's first two passes rerun (chunk_fwd.chunk_states) and give the chunk-boundary
    states, the write directions U, gains w, L⁻¹ (and bayes' L), the whitened keys L⁻¹ K̃ and
    the innovations E. The forward saves its inputs and, for bayes, each chunk's factors
-   (L⁻¹, L, w: 2C + 1 floats per token and head), so the rerun skips the serial LDLᵀ.
+   (L⁻¹, L, w packed in one C × C block), so the rerun skips the serial LDLᵀ.
 2. chunk_bwd.py: the adjoint of the mean runs backwards over the chunks (`_dstate_kernel`),
    then chunk-parallel kernels form every sum over V: dV and the adjoints of the chunk's
    key-side products (A diag(w), L, diag(Λ_C· w) U, diag(Γ) Q, K̃, Γ_C; see that module).
@@ -62,8 +62,8 @@ def _key_block(K):
 def chunk_backward(mode, inputs, S0, P0, plan, cu_seqlens, grads, scale, output_variance, chunk_size,
                    factors=None):
     """inputs: (q, k, v, g, beta, noise) as given to the forward, [B, T, H, ...] contiguous;
-    grads: (dO, dvar or None, dS_final or None, dP_final or None); factors: bayes' (L⁻¹, L, w)
-    from the forward (chunk_forward returns them).
+    grads: (dO, dvar or None, dS_final or None, dP_final or None); factors: bayes' packed
+    factors from the forward (chunk_forward returns them).
     Returns (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0) in the inputs' layouts (dP0 None for reset)."""
     q, k, v, g, beta, noise = inputs
     B, T, H, K = q.shape

@@ -107,13 +107,16 @@ def _unit_lower_inverse(A, C: tl.constexpr):
 
 @triton.jit
 def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr,
-                      u_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, vpri_ptr, H,
+                      u_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, f_ptr, vpri_ptr, H,
                       K: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
                       R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr,
                       U_COPY: tl.constexpr):
-    """The covariance sweep of one (document, head). GIVEN_FACTORS (the backward's rerun): L⁻¹
-    and w come from the forward, so only X, U and P are formed again, not S and its LDLᵀ
-    (the serial elimination is most of a chunk's time); otherwise L⁻¹, L and w are stored.
+    """The covariance sweep of one (document, head). L⁻¹, L and w are stored unpacked for the
+    other kernels, and packed for the backward in f: one C × C block per chunk holding L below
+    the diagonal, L⁻¹ transposed above it and w on it (both factors are unit lower
+    triangular). GIVEN_FACTORS (the backward's rerun): the factors are unpacked from f, so only
+    X, U and P are formed again, not S and its LDLᵀ (the serial elimination is most of a
+    chunk's time).
     U_COPY: U also goes to ud in that tensor's dtype (the keys' 16-bit one), for the value
     kernels' products."""
     pid = tl.program_id(0)
@@ -156,9 +159,12 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
             if WITH_VARIANCE:
                 q_blk = tl.load(q_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
                 q_P_q += tl.sum(tl.dot(qc, P_blk) * q_blk, 1)
+        eye = idx[:, None] == idx[None, :]
         if GIVEN_FACTORS:
-            Linv = tl.load(linv_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
-            w = tl.load(w_ptr + tok, mask=valid, other=0.0)
+            F = tl.load(f_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
+            Linv = tl.where(idx[:, None] > idx[None, :], tl.trans(F), tl.where(eye, 1.0, 0.0))
+            L = tl.where(idx[:, None] > idx[None, :], F, tl.where(eye, 1.0, 0.0))
+            w = tl.sum(tl.where(eye, F, 0.0), 1)
         else:
             # Process noise between observations: (K Kᵀ) ∘ Ψ, Ψ_ts = Λ_ts d_s for t ≥ s, symmetric.
             psi = decay * d[None, :]
@@ -167,9 +173,11 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
             S = 0.5 * (S + tl.trans(S)) + tl.where(idx[:, None] == idx[None, :], r[None, :], 0.0)
             Linv, D, L = _ldl_inverse(S, C)
             w = 1.0 / D
-            tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
-            tl.store(l_ptr + tok[:, None] * C + idx[None, :], L, mask=valid[:, None])
-            tl.store(w_ptr + tok, w, mask=valid)
+            F = tl.where(idx[:, None] > idx[None, :], L, tl.where(eye, w[:, None], tl.trans(Linv)))
+            tl.store(f_ptr + tok[:, None] * C + idx[None, :], F, mask=valid[:, None])
+        tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
+        tl.store(l_ptr + tok[:, None] * C + idx[None, :], L, mask=valid[:, None])
+        tl.store(w_ptr + tok, w, mask=valid)
         if WITH_VARIANCE:
             q_sq = tl.sum(qc * qc, 1)
             tl.store(vpri_ptr + tok, gamma * gamma * q_P_q + d * q_sq, mask=valid)
@@ -440,8 +448,8 @@ class Intermediates:
     as reset reads its keys; else u itself); gains w (reset: beta); L⁻¹ of every chunk's
     system [B·T, H, C]; innovations e [B·T, H, V]; the whitened keys wkeys = L⁻¹ K̃
     [B·T, H, K] (the keys' dtype when they are dot operands); the prior part of the
-    predictive variance vpri (bayes with output_variance, else None); L itself (bayes, else
-    None)."""
+    predictive variance vpri (bayes with output_variance, else None); L itself and the packed
+    factors (L below the diagonal, L⁻¹ᵀ above, w on it; bayes, else None)."""
 
     h_slots: torch.Tensor
     p_slots: Optional[torch.Tensor]
@@ -453,13 +461,14 @@ class Intermediates:
     wkeys: torch.Tensor
     vpri: Optional[torch.Tensor]
     l: Optional[torch.Tensor] = None
+    packed: Optional[torch.Tensor] = None
 
 
 def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size, factors=None):
     """Passes 1 and 2 of the forward (covariance or reset system, then the mean h-loop).
     Inputs [B, T, H, ...] contiguous (noise fp32, bayes only); S0 [N, H, K, V] fp32,
-    P0 [N, H, K, K] fp32 (bayes) or None; factors: bayes' (L⁻¹, L, w) from an earlier run on
-    the same inputs (the backward's rerun skips the factorisation then).
+    P0 [N, H, K, K] fp32 (bayes) or None; factors: bayes' packed factors [B·T, H, C] from an
+    earlier run on the same inputs (the backward's rerun skips the factorisation then).
     Returns Intermediates; the final state of document n is slot slot0[n] + NT_n of h_slots
     (and p_slots)."""
     B, T, H, K = q.shape
@@ -469,7 +478,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     BK = max(16, triton.next_power_of_2(K))
     n_tok = B * T
     f32 = dict(dtype=torch.float32, device=dev)
-    linv = torch.empty(n_tok, H, C, **f32) if factors is None else factors[0]
+    linv = torch.empty(n_tok, H, C, **f32)
     h_slots = torch.empty(plan.n_slots, H, K, V, **f32)
     p_slots = None
     vpri = None
@@ -480,15 +489,13 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         u = torch.empty(n_tok, H, K, **f32)
         u_copy = key_dots(k) and k.dtype != torch.float32
         u_dots = torch.empty(n_tok, H, K, dtype=k.dtype, device=dev) if u_copy else u
-        if factors is None:
-            l_factor, w = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, **f32)
-        else:
-            l_factor, w = factors[1], factors[2]
+        l_factor, w = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, **f32)
+        packed = torch.empty(n_tok, H, C, **f32) if factors is None else factors
         vpri = torch.empty(n_tok, H, **f32) if output_variance else None
         scratch = torch.empty(plan.n_docs * H, C, K, **f32)
         BP = min(BK, COV_BLOCK)
         _bayes_cov_kernel[(plan.n_docs * H,)](
-            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, u_dots, linv, l_factor, w,
+            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, u_dots, linv, l_factor, w, packed,
             vpri if vpri is not None else w, H,
             K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
             GIVEN_FACTORS=factors is not None, U_COPY=u_copy, num_warps=COV_WARPS, num_stages=1)
@@ -508,14 +515,15 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
         wkeys, g, u_dots, w, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=mean_warps, num_stages=1)
-    return Intermediates(h_slots, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor)
+    return Intermediates(h_slots, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor,
+                         packed if mode == "bayes" else None)
 
 
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
     """The whole forward: chunk_states, then the outputs (pass 3).
 
     Returns (o, variance or None, h_slots [n_slots, H, K, V], p_slots [n_slots, H, K, K] or None,
-    bayes' factors (L⁻¹, L, w) for the backward or None).
+    bayes' packed factors [B·T, H, C] for the backward or None).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -532,5 +540,4 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
         WITH_VARIANCE=output_variance and mode == "bayes", num_warps=OUT_WARPS)
     if output_variance and mode != "bayes":
         variance.zero_()
-    factors = (mid.linv, mid.l, mid.w) if mode == "bayes" else None
-    return o, variance, mid.h_slots, mid.p_slots, factors
+    return o, variance, mid.h_slots, mid.p_slots, mid.packed

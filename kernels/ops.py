@@ -1,15 +1,16 @@
 """The chunked filter as torch custom ops, so torch.compile(fullgraph=True), FSDP2 and DTensor
 paths see one forward op and one backward op instead of Triton launches and Python loops.
 
-    titan_bayes::chunk_fwd  → (o, variance, S_final, P_final, L⁻¹, L, w)
+    titan_bayes::chunk_fwd  → (o, variance, S_final, P_final, factors)
     titan_bayes::chunk_bwd  → (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0)
 
 Empty tensors stand for absent outputs (variance without output_variance, P and the factors
 outside bayes): a custom op's outputs are always tensors. The backward saves the op's inputs
-(as Gated DeltaNet's kernels do) and, for bayes, each chunk's factors L⁻¹, L and w
-[B·T, H, C | C | 1] fp32, and reruns the first two forward passes for the chunk-boundary
-states and covariances: some extra time for a saved memory of the inputs and 2C + 1 floats per
-token and head. Saving the factors spares the rerun the serial LDLᵀ of every chunk.
+(as Gated DeltaNet's kernels do) and, for bayes, each chunk's factors packed into one fp32
+C × C block (L below the diagonal, L⁻¹ᵀ above it, the gains on it: [B·T, H, C]), and reruns
+the first two forward passes for the chunk-boundary states and covariances: some extra time
+for a saved memory of the inputs and C floats per token and head. Saving the factors spares
+the rerun the serial LDLᵀ of every chunk.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
               noise: torch.Tensor, S0: torch.Tensor, P0: Optional[torch.Tensor],
               cu_seqlens: Optional[torch.Tensor], mode: str, scale: float, output_variance: bool,
               chunk_size: int, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                      torch.Tensor, torch.Tensor, torch.Tensor]:
+                                                      torch.Tensor]:
     B, T = q.shape[:2]
     plan = Plan(B, T, cu_seqlens, chunk_size, q.device)
     assert plan.n_slots == n_slots, "n_slots must match the chunk plan"
@@ -43,8 +44,8 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         return q.new_empty(0, dtype=torch.float32)
 
     P_final = p_slots[last].contiguous() if p_slots is not None else empty()
-    linv, l_factor, w = factors if factors is not None else (empty(), empty(), empty())
-    return o, variance if variance is not None else empty(), S_final, P_final, linv, l_factor, w
+    return (o, variance if variance is not None else empty(), S_final, P_final,
+            factors if factors is not None else empty())
 
 
 @chunk_fwd.register_fake
@@ -56,35 +57,29 @@ def _chunk_fwd_fake(q, k, v, g, beta, noise, S0, P0, cu_seqlens, mode, scale, ou
     f32 = dict(dtype=torch.float32, device=q.device)
     bayes = mode == "bayes"
     variance = q.new_empty(B, T, H, dtype=v.dtype) if output_variance else q.new_empty(0, **f32)
-    if bayes:
-        factors = (q.new_empty(B * T, H, chunk_size, **f32), q.new_empty(B * T, H, chunk_size, **f32),
-                   q.new_empty(B * T, H, **f32))
-    else:
-        factors = tuple(q.new_empty(0, **f32) for _ in range(3))
+    factors = q.new_empty(B * T, H, chunk_size, **f32) if bayes else q.new_empty(0, **f32)
     return (torch.empty_like(v), variance, q.new_empty(N, H, K, V, **f32),
-            q.new_empty(N, H, K, K, **f32) if bayes else q.new_empty(0, **f32), *factors)
+            q.new_empty(N, H, K, K, **f32) if bayes else q.new_empty(0, **f32), factors)
 
 
 @torch.library.custom_op("titan_bayes::chunk_bwd", mutates_args=())
 def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               noise: torch.Tensor, S0: torch.Tensor, P0: Optional[torch.Tensor],
-              cu_seqlens: Optional[torch.Tensor], linv: torch.Tensor, l_factor: torch.Tensor, w: torch.Tensor,
-              d_out: torch.Tensor, d_var: torch.Tensor, dS: torch.Tensor, dP: torch.Tensor, mode: str,
+              cu_seqlens: Optional[torch.Tensor], factors: torch.Tensor, d_out: torch.Tensor, d_var: torch.Tensor, dS: torch.Tensor, dP: torch.Tensor, mode: str,
               scale: float, output_variance: bool,
               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T = q.shape[:2]
     plan = Plan(B, T, cu_seqlens, chunk_size, q.device)
     grads = (d_out, d_var if d_var.numel() else None, dS, dP if dP.numel() else None)
-    factors = (linv, l_factor, w) if mode == "bayes" else None
     out = chunk_backward(mode, (q, k, v, g, beta, noise), S0, P0, plan, cu_seqlens, grads, scale,
-                         output_variance, chunk_size, factors)
+                         output_variance, chunk_size, factors if mode == "bayes" else None)
     dP0 = out[7] if out[7] is not None else q.new_empty(0, dtype=torch.float32)
     return (*out[:7], dP0)
 
 
 @chunk_bwd.register_fake
-def _chunk_bwd_fake(q, k, v, g, beta, noise, S0, P0, cu_seqlens, linv, l_factor, w, d_out, d_var, dS, dP,
+def _chunk_bwd_fake(q, k, v, g, beta, noise, S0, P0, cu_seqlens, factors, d_out, d_var, dS, dP,
                     mode, scale, output_variance, chunk_size):
     N, H, K, V = dS.shape
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -95,15 +90,14 @@ def _chunk_bwd_fake(q, k, v, g, beta, noise, S0, P0, cu_seqlens, linv, l_factor,
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, noise, S0, P0, cu_seqlens, mode, scale, output_variance, chunk_size, n_slots = inputs
-    linv, l_factor, w = output[4:]
-    ctx.save_for_backward(q, k, v, g, beta, noise, S0, P0, cu_seqlens, linv, l_factor, w)
+    ctx.save_for_backward(q, k, v, g, beta, noise, S0, P0, cu_seqlens, output[4])
     ctx.args = (mode, scale, output_variance, chunk_size)
 
 
-def _backward(ctx, d_out, d_var, dS, dP, _d_linv, _d_l, _d_w):
-    """The factors (outputs 4–6) are intermediates for this backward only: no gradient flows
+def _backward(ctx, d_out, d_var, dS, dP, _d_factors):
+    """The factors (output 4) are an intermediate for this backward only: no gradient flows
     through them."""
-    q, k, v, g, beta, noise, S0, P0, cu_seqlens, linv, l_factor, w = ctx.saved_tensors
+    q, k, v, g, beta, noise, S0, P0, cu_seqlens, factors = ctx.saved_tensors
     mode, scale, output_variance, chunk_size = ctx.args
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -114,7 +108,7 @@ def _backward(ctx, d_out, d_var, dS, dP, _d_linv, _d_l, _d_w):
     if dP is None or mode != "bayes":
         dP = q.new_empty(0, **f32)
     dq, dk, dv, dg, dbeta, dnoise, dS0, dP0 = chunk_bwd(
-        q, k, v, g, beta, noise, S0, P0, cu_seqlens, linv, l_factor, w, d_out, d_var, dS, dP, mode, scale,
+        q, k, v, g, beta, noise, S0, P0, cu_seqlens, factors, d_out, d_var, dS, dP, mode, scale,
         output_variance, chunk_size)
     return (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0 if mode == "bayes" else None, None, None, None,
             None, None, None)

@@ -18,7 +18,7 @@ The filter. On CPU `bayes_filter` takes the chunked PyTorch path, whose autograd
 every chunk intermediate; on a GPU the Triton custom op (kernels/ops.py) saves its inputs
 and, for bayes, each chunk's factors. The block therefore runs the real op without grad and
 wraps it in a stand-in that saves what the custom op saves (q, k, v, g, beta, the fp32 process
-noise, the initial states; bayes: L⁻¹, L [B·T, H, C] and the gains [B·T, H], fp32), so these
+noise, the initial states; bayes: the packed chunk factors [B·T, H, C], fp32), so these
 numbers are the GPU's. `--filter chunked` measures the CPU path instead.
 
 Each storage is counted once (a tensor saved by several ops, e.g. the normed input of the six
@@ -53,8 +53,8 @@ class _SavesLikeKernel(torch.autograd.Function):
     """Output of the real filter; saves the tensors kernels/ops.py's custom op saves."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, noise, S0, P0, linv, l_factor, w, o):
-        ctx.save_for_backward(q, k, v, g, beta, noise, S0, P0, linv, l_factor, w)
+    def forward(ctx, q, k, v, g, beta, noise, S0, P0, factors, o):
+        ctx.save_for_backward(q, k, v, g, beta, noise, S0, P0, factors)
         return o.clone()
 
     @staticmethod
@@ -80,11 +80,8 @@ def kernel_like_filter(q, k, v, g, beta, *, mode, process_noise=None, prior_scal
                              torch.float32, q.device)
     P0 = torch.empty(0) if P0 is None else P0
     inputs = [t.contiguous() for t in (q, k, v, g, beta, noise, S0, P0)]
-    if mode == "bayes":
-        factors = [torch.empty(B * T, H, chunk_size), torch.empty(B * T, H, chunk_size), torch.empty(B * T, H)]
-    else:
-        factors = [torch.empty(0) for _ in range(3)]
-    return _SavesLikeKernel.apply(*inputs, *factors, o), None
+    factors = torch.empty(B * T, H, chunk_size) if mode == "bayes" else torch.empty(0)
+    return _SavesLikeKernel.apply(*inputs, factors, o), None
 
 
 _real_filter = model_module.bayes_filter
