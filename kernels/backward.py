@@ -73,7 +73,7 @@ def chunk_backward(mode, inputs, S0, P0, plan, cu_seqlens, grads, scale, output_
     mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, False, C, factors=factors)
     sums = _value_sums(q, k, g, d_out.contiguous(), mid, plan, dS_final, scale, C)
     dv = sums["dR"].view(B, T, H, V).to(v.dtype)
-    dS0 = sums["dh_slots"][plan.slot0.long()].contiguous()
+    dS0 = sums["dS0"]
     if mode == "reset":
         dq, dk, dg, dbeta = _reset_keys(q, k, g, beta, sums, plan, C)
         return dq, dk, dv, dg, dbeta, torch.zeros_like(noise), dS0, None
@@ -85,7 +85,8 @@ def chunk_backward(mode, inputs, S0, P0, plan, cu_seqlens, grads, scale, output_
 def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     """Run the value kernels of chunk_bwd.py. Returns token-major fp32 adjoints (see that
     module): Gs, dL [B·T, H, C], dQS, EdS, dKt [B·T, H, K], dR [B·T, H, V] (= dV), dgc
-    [n_chunks, H] (of Γ_C) and dh_slots (the state adjoints at every chunk boundary)."""
+    [n_chunks, H] (of Γ_C), dS0 [N, H, K, V] (of the initial states) and dh_slots (the
+    adjoints of every chunk's end state, in the h slots' dtype)."""
     B, T, H, K = q.shape
     V = d_out.shape[-1]
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -100,9 +101,10 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     _readout_map_kernel[grid_cc](q, mid.u_dots, g, mid.w, plan.chunks, plan.cu, ma, scale, H,
                                  K=K, BKB=BKB, C=C, num_warps=4)
     dh_slots = torch.empty_like(mid.h_slots)
+    dS0 = torch.empty(N, H, K, V, **f32)
     dR = torch.empty(n_tok, H, V, **f32)                      # dE, made dR in place by _square_kernel
     _dstate_kernel[(triton.cdiv(V, BV), N * H)](
-        q, g, mid.u_dots, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dR, scale, H,
+        q, g, mid.u_dots, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dS0, dR, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=dstate_warps,
         num_stages=1)
     Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
@@ -114,7 +116,8 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     _local_kernel[(n_kb, plan.n_chunks, H)](
         mid.e, d_out, dR, mid.h_slots, dh_slots, plan.chunks, plan.cu, plan.slot0,
         dQS, EdS, dKt, dgc_blocks, scale, H, plan.n_chunks, K=K, V=V, BKB=BKB, BV=BVL, C=C, num_warps=4)
-    return dict(Gs=Gs, dL=dL, dQS=dQS, EdS=EdS, dKt=dKt, dR=dR, dgc=dgc_blocks.sum(0), dh_slots=dh_slots)
+    return dict(Gs=Gs, dL=dL, dQS=dQS, EdS=EdS, dKt=dKt, dR=dR, dgc=dgc_blocks.sum(0), dh_slots=dh_slots,
+                dS0=dS0)
 
 
 def _reset_keys(q, k, g, beta, sums, plan, C):

@@ -54,11 +54,13 @@ def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, chunk_ptr, cu_ptr, ma_ptr, s
 
 @triton.jit
 def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
-                   dh_ptr, de_ptr, scale, H,
+                   dh_ptr, ds0_ptr, de_ptr, scale, H,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                    KEY_DOTS: tl.constexpr):
-    """Reverse h-loop. dh slot j receives the adjoint of the state at chunk boundary j (slot0 +
-    i + 1: the end of chunk i; slot0: the initial state); also stores dE per token."""
+    """Reverse h-loop. dh slot slot0 + i + 1 receives the adjoint of the state at the end of
+    chunk i, in the slots' dtype (bf16 with 16-bit keys, like the forward's h slots), ds0 the
+    initial state's adjoint in fp32 (slot0 stays unused); also stores dE per token. The loop
+    carries dS in fp32."""
     pid_v, pid = tl.program_id(0), tl.program_id(1)
     n, h = pid // H, pid % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -72,7 +74,8 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, 
     n_chunks = tl.cdiv(eos - bos, C)
     for j in range(n_chunks):
         i = n_chunks - 1 - j
-        tl.store(dh_ptr + ((slot0 + i + 1) * H + h).to(tl.int64) * K * V + state_off, dS, mask=state_mask)
+        tl.store(dh_ptr + ((slot0 + i + 1) * H + h).to(tl.int64) * K * V + state_off,
+                 dS.to(dh_ptr.dtype.element_ty), mask=state_mask)
         rows = bos + i * C + idx
         valid = rows < eos
         tok = rows * H + h
@@ -98,7 +101,7 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, 
         gamma = tl.exp(tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0))
         Wk = tl.load(wk_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
         dS = gamma_C * dS + scale * tl.dot(tl.trans(qc * gamma[:, None]), dO) - tl.dot(tl.trans(Wk), dE)
-    tl.store(dh_ptr + (slot0 * H + h).to(tl.int64) * K * V + state_off, dS, mask=state_mask)
+    tl.store(ds0_ptr + pid.to(tl.int64) * K * V + state_off, dS, mask=state_mask)
 
 
 @triton.jit
@@ -122,8 +125,10 @@ def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_
         vv = vb + tl.arange(0, BV)
         vmask = valid[:, None] & (vv[None, :] < V)
         smask = (kk[:, None] < K) & (vv[None, :] < V)
-        S0 = tl.load(start + kk[:, None] * V + vv[None, :], mask=smask, other=0.0)
-        dSC = tl.load(end_adjoint + kk[:, None] * V + vv[None, :], mask=smask, other=0.0)
+        # The slots may be bf16: the products stay fp32 (bf16 transposed operands are where
+        # Triton 3.6 miscompiles on Hopper, see _dstate_kernel).
+        S0 = tl.load(start + kk[:, None] * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
+        dSC = tl.load(end_adjoint + kk[:, None] * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
         E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         dR = tl.load(dr_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)

@@ -5,7 +5,9 @@ B·T tokens with document boundaries `cu` (B equal documents when there are no c
 so one code path serves batch and varlen inputs, and a chunk never straddles a document.
 Per-token intermediates are token-major like the inputs ([T_all, H, ...]); chunk-boundary
 states live in "slots": document n owns slots slot0[n] .. slot0[n] + NT_n, slot i holding
-the belief at the start of its chunk i and the last one the final belief.
+the belief at the start of its chunk i and the last one the final belief. The mean's slots
+(h) are bf16 when the keys are 16-bit (`slot_dtype`); its final state is kept apart in fp32,
+and the last h slot of a document stays unused.
 
 Passes (all fp32 state math; the matrix products run on tensor cores, TF32 for fp32 operands):
   1. bayes: `_bayes_cov_kernel`, one program per (document, head), sweeps the chunks carrying
@@ -282,14 +284,15 @@ def _chunk_end(g_ptr, tok, valid, C: tl.constexpr):
 
 
 @triton.jit
-def _mean_kernel(wk_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, e_ptr, H,
+def _mean_kernel(wk_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, sf_ptr, e_ptr, H,
                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                  KEY_DOTS: tl.constexpr):
     """The h-loop: E = L⁻¹ V − W S0 (e holds L⁻¹ V on entry, W = L⁻¹ K̃ from _whiten_kernel) and
     S_C = Γ_C S0 + Uᵀ diag(Λ_C· w) E.
 
     U and w are the write directions and gains: bayes passes its own, reset passes the keys
-    and beta (same token-major layout).
+    and beta (same token-major layout). The loop carries S in fp32; the chunk start states go
+    to the h slots in their dtype, the final state to sf [N, H, K, V] in fp32.
     """
     pid_v, pid = tl.program_id(0), tl.program_id(1)
     n, h = pid // H, pid % H
@@ -302,7 +305,8 @@ def _mean_kernel(wk_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, e
     state_off = kk[:, None] * V + vv[None, :]
     S = tl.load(s0_ptr + pid.to(tl.int64) * K * V + state_off, mask=state_mask, other=0.0)
     for i in range(tl.cdiv(eos - bos, C)):
-        tl.store(h_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * V + state_off, S, mask=state_mask)
+        tl.store(h_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * V + state_off, S.to(h_ptr.dtype.element_ty),
+                 mask=state_mask)
         rows = bos + i * C + idx
         valid = rows < eos
         tok = rows * H + h
@@ -322,17 +326,18 @@ def _mean_kernel(wk_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, e
         w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
         S = gamma_C * S + tl.dot(tl.trans(U), E * (last * w)[:, None])
-    n_chunks = tl.cdiv(eos - bos, C)
-    tl.store(h_ptr + ((slot0 + n_chunks) * H + h).to(tl.int64) * K * V + state_off, S, mask=state_mask)
+    tl.store(sf_ptr + pid.to(tl.int64) * K * V + state_off, S, mask=state_mask)
 
 
 @triton.jit
 def _output_kernel(q_ptr, g_ptr, u_ptr, w_ptr, e_ptr, h_ptr, vpri_ptr, chunk_ptr, cu_ptr, slot_ptr,
                    o_ptr, var_ptr, scale, H,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                   WITH_VARIANCE: tl.constexpr):
+                   WITH_VARIANCE: tl.constexpr, KEY_DOTS: tl.constexpr):
     """O = scale · [diag(Γ) Q S0 + (tril(Q Uᵀ) ∘ Λ) diag(w) E]; with variance, also
-    scale² · [prior part − Σ_s (Q Uᵀ ∘ Λ)_ts² w_s] (filter_math.chunk_variance)."""
+    scale² · [prior part − Σ_s (Q Uᵀ ∘ Λ)_ts² w_s] (filter_math.chunk_variance).
+    KEY_DOTS: Q Uᵀ and Q S0 take U's dtype (16-bit in training, the S0 slots are bf16 then),
+    as fla's output kernel does; the product with the fp32 innovations E stays fp32."""
     pid_v, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     slot = tl.load(slot_ptr + n) + i
@@ -341,11 +346,16 @@ def _output_kernel(q_ptr, g_ptr, u_ptr, w_ptr, e_ptr, h_ptr, vpri_ptr, chunk_ptr
     vv = pid_v * BV + tl.arange(0, BV)
     kmask = valid[:, None] & (kk[None, :] < K)
     vmask = valid[:, None] & (vv[None, :] < V)
-    qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+    qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
     lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
     S0 = tl.load(h_ptr + (slot * H + h).to(tl.int64) * K * V + kk[:, None] * V + vv[None, :],
                  mask=(kk[:, None] < K) & (vv[None, :] < V), other=0.0)
-    U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+    U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+    if KEY_DOTS:
+        qc = qc.to(U.dtype)
+        S0 = S0.to(U.dtype)
+    else:
+        qc, S0, U = qc.to(tl.float32), S0.to(tl.float32), U.to(tl.float32)
     w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
     scores = tl.dot(qc, tl.trans(U)) * decay                  # decay is 0 above the diagonal
@@ -397,6 +407,7 @@ class Plan:
 # on an H100 (0.89 → 0.82 at H = 8, K = 128; 1 warp: 1.20 and 0.87).
 COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS = 8, 4, 2
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
+OUT_BV_CAP = 32     # widest V block of the output kernel for K > 128 (64 at K <= 128)
 
 
 def key_dots(k):
@@ -406,6 +417,15 @@ def key_dots(k):
     order 1e10 with Triton 3.9), so the CPU tests take the fp32 products there; the GPU tests
     cover the bf16 path."""
     return not (k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def slot_dtype(k):
+    """dtype of the mean's chunk-boundary state slots: bf16 when the keys are 16-bit, as fla
+    keeps its chunk states, else fp32. These slots are the h-loop's largest write and the
+    output and local kernels' largest read (B·T/C·H·K·V of them); bf16 rather than fp16
+    keeps fp32's range for states that grow with the values. The loops that carry the state
+    stay fp32, and the final state is returned in fp32."""
+    return torch.bfloat16 if k.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _v_block(V, cap):
@@ -442,7 +462,8 @@ def _check_pivots(w):
 @dataclass
 class Intermediates:
     """What the first two forward passes leave behind, token-major [B·T, H, ...] fp32 unless
-    noted: the chunk-boundary states h_slots [n_slots, H, K, V] and p_slots [n_slots, H, K, K]
+    noted: the chunk-boundary states h_slots [n_slots, H, K, V] (slot_dtype; a document's last
+    slot unused), the final states s_final [N, H, K, V] and p_slots [n_slots, H, K, K]
     (bayes, else None); the write directions u (reset: the keys k themselves) and u_dots, the
     copy that the value kernels' products read (bayes with 16-bit keys: u in the keys' dtype,
     as reset reads its keys; else u itself); gains w (reset: beta); L⁻¹ of every chunk's
@@ -452,6 +473,7 @@ class Intermediates:
     factors (L below the diagonal, L⁻¹ᵀ above, w on it; bayes, else None)."""
 
     h_slots: torch.Tensor
+    s_final: torch.Tensor
     p_slots: Optional[torch.Tensor]
     u: torch.Tensor
     u_dots: torch.Tensor
@@ -469,8 +491,8 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     Inputs [B, T, H, ...] contiguous (noise fp32, bayes only); S0 [N, H, K, V] fp32,
     P0 [N, H, K, K] fp32 (bayes) or None; factors: bayes' packed factors [B·T, H, C] from an
     earlier run on the same inputs (the backward's rerun skips the factorisation then).
-    Returns Intermediates; the final state of document n is slot slot0[n] + NT_n of h_slots
-    (and p_slots)."""
+    Returns Intermediates; the final state of document n is s_final[n] (and slot
+    slot0[n] + NT_n of p_slots)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
@@ -479,7 +501,8 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     n_tok = B * T
     f32 = dict(dtype=torch.float32, device=dev)
     linv = torch.empty(n_tok, H, C, **f32)
-    h_slots = torch.empty(plan.n_slots, H, K, V, **f32)
+    h_slots = torch.empty(plan.n_slots, H, K, V, dtype=slot_dtype(k), device=dev)
+    s_final = torch.empty(plan.n_docs, H, K, V, **f32)
     p_slots = None
     vpri = None
     l_factor = None
@@ -513,17 +536,17 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
                                        num_warps=4)
     BV, mean_warps = _mean_launch(K, V, u_dots)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
-        wkeys, g, u_dots, w, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, e, H,
+        wkeys, g, u_dots, w, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, s_final, e, H,
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=mean_warps, num_stages=1)
-    return Intermediates(h_slots, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor,
+    return Intermediates(h_slots, s_final, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor,
                          packed if mode == "bayes" else None)
 
 
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
     """The whole forward: chunk_states, then the outputs (pass 3).
 
-    Returns (o, variance or None, h_slots [n_slots, H, K, V], p_slots [n_slots, H, K, K] or None,
-    bayes' packed factors [B·T, H, C] for the backward or None).
+    Returns (o, variance or None, the final states [N, H, K, V] fp32, p_slots [n_slots, H, K, K]
+    or None, bayes' packed factors [B·T, H, C] for the backward or None).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -532,12 +555,12 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
     mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance and mode == "bayes", C)
     o = torch.empty_like(v)
     variance = torch.empty(B, T, H, dtype=v.dtype, device=q.device) if output_variance else None
-    BV = _block_v(K, V)
+    BV = _v_block(V, OUT_BV_CAP if K > 128 else 64)
     _output_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](
         q, g, mid.u_dots, mid.w, mid.e, mid.h_slots, mid.vpri if mid.vpri is not None else mid.w, plan.chunks,
         plan.cu, plan.slot0, o, variance if variance is not None else o, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C,
-        WITH_VARIANCE=output_variance and mode == "bayes", num_warps=OUT_WARPS)
+        WITH_VARIANCE=output_variance and mode == "bayes", KEY_DOTS=key_dots(k), num_warps=OUT_WARPS)
     if output_variance and mode != "bayes":
         variance.zero_()
-    return o, variance, mid.h_slots, mid.p_slots, mid.packed
+    return o, variance, mid.s_final, mid.p_slots, mid.packed

@@ -36,14 +36,12 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     B, T = q.shape[:2]
     plan = Plan(B, T, cu_seqlens, chunk_size, q.device)
     assert plan.n_slots == n_slots, "n_slots must match the chunk plan"
-    o, variance, h_slots, p_slots, factors = chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan,
+    o, variance, S_final, p_slots, factors = chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan,
                                                            scale, output_variance, chunk_size)
-    last = _final_index(plan)
-    S_final = h_slots[last].contiguous()
     def empty():  # a fresh one each time: a custom op's outputs may not alias each other
         return q.new_empty(0, dtype=torch.float32)
 
-    P_final = p_slots[last].contiguous() if p_slots is not None else empty()
+    P_final = p_slots[_final_index(plan)].contiguous() if p_slots is not None else empty()
     return (o, variance if variance is not None else empty(), S_final, P_final,
             factors if factors is not None else empty())
 
