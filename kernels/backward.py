@@ -52,6 +52,7 @@ def _dstate_launch(K, V, u_dots):
 # (equal at 128), sweep 9.6 → 8.7 and 2.9 → 2.5 ms with 4, keys 12.1 / 10.3 ms with 8 (4: 17.1 / 15.6).
 OWN_WARPS, COV_SWEEP_WARPS, KEYS_WARPS = 8, 4, 8
 KEYS_STAGES = 1     # software pipelining of the key kernels' tile loops (shared memory: [64, 64] fp32 tiles)
+DSTATE_STAGES = 1   # the same for the reverse state sweep's chunk loop (see chunk_fwd.MEAN_STAGES)
 
 
 def _key_block(K):
@@ -106,7 +107,7 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     _dstate_kernel[(triton.cdiv(V, BV), N * H)](
         q, g, mid.u_dots, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dS0, dR, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=dstate_warps,
-        num_stages=1)
+        num_stages=DSTATE_STAGES)
     Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
     _square_kernel[grid_cc](mid.e, d_out, dR, mid.linv, plan.chunks, plan.cu, Gs, dL, scale, H, V=V, BV=BVL, C=C,
                             num_warps=4)

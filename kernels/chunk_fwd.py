@@ -411,6 +411,10 @@ COV_BLOCK = 64      # columns of P per tile in the covariance sweep
 # operands, 64 took reset's output kernel from 1.36 to 0.88 ms at (8, 4096, 6, 256, 512) on an
 # H100, outputs and gradients bit-identical to 32.
 OUT_BV_CAP = 64
+# Software pipelining of the h-loop's chunk loop (loads of chunk i + 1 issued during chunk i).
+# 1 = none, as validated on the GPU; fla's h-loop autotunes 2–4 stages on Hopper, a candidate
+# for `tools/profile_kernels.py --set MEAN_STAGES=2` (shared memory grows with it).
+MEAN_STAGES = 1
 
 
 def key_dots(k):
@@ -540,7 +544,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     BV, mean_warps = _mean_launch(K, V, u_dots)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
         wkeys, g, u_dots, w, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, s_final, e, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=mean_warps, num_stages=1)
+        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=mean_warps, num_stages=MEAN_STAGES)
     return Intermediates(h_slots, s_final, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor,
                          packed if mode == "bayes" else None)
 
