@@ -407,9 +407,9 @@ class Plan:
 # on an H100 (0.89 → 0.82 at H = 8, K = 128; 1 warp: 1.20 and 0.87).
 COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS = 8, 4, 2
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
-# Widest V block of the output kernel for K > 128 (64 at K <= 128). With 16-bit Q, U and S0
-# operands, 64 took reset's output kernel from 1.36 to 0.88 ms at (8, 4096, 6, 256, 512) on an
-# H100, outputs and gradients bit-identical to 32.
+# Widest V block of the output kernel for K > 128 with 16-bit operands (see _out_block). 64
+# took reset's output kernel from 1.36 to 0.88 ms at (8, 4096, 6, 256, 512) on an H100,
+# outputs and gradients bit-identical to 32.
 OUT_BV_CAP = 64
 # Software pipelining of the h-loop's chunk loop (loads of chunk i + 1 issued during chunk i).
 # 1 = none, as validated on the GPU; fla's h-loop autotunes 2–4 stages on Hopper, a candidate
@@ -454,6 +454,14 @@ def _mean_launch(K, V, u_dots):
     if K > 128 and u_dots.dtype == torch.float32:
         return _v_block(V, 64), 8
     return _block_v(K, V), 4
+
+
+def _out_block(K, V, u_dots):
+    """V block of the output kernel: it holds Q, U [C, K] and S0 [K, BV] in registers, so fp32
+    operands at K > 128 keep the narrower blocks they were measured with (32)."""
+    if K > 128:
+        return _v_block(V, OUT_BV_CAP if u_dots.dtype != torch.float32 else 32)
+    return _v_block(V, 64)
 
 
 def _check_pivots(w):
@@ -562,7 +570,7 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
     mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance and mode == "bayes", C)
     o = torch.empty_like(v)
     variance = torch.empty(B, T, H, dtype=v.dtype, device=q.device) if output_variance else None
-    BV = _v_block(V, OUT_BV_CAP if K > 128 else 64)
+    BV = _out_block(K, V, mid.u_dots)
     _output_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](
         q, g, mid.u_dots, mid.w, mid.e, mid.h_slots, mid.vpri if mid.vpri is not None else mid.w, plan.chunks,
         plan.cu, plan.slot0, o, variance if variance is not None else o, scale, H,
