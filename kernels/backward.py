@@ -30,7 +30,7 @@ from titan_bayes.ops import filter_math as fm
 
 from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel
 from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
-from .chunk_fwd import _v_block, chunk_states, key_dots
+from .chunk_fwd import _v_block, chunk_states, key_dots, bf16_dots
 
 
 def _dstate_launch(K, V, u_dots):
@@ -53,6 +53,14 @@ def _dstate_launch(K, V, u_dots):
 OWN_WARPS, COV_SWEEP_WARPS, KEYS_WARPS = 8, 4, 8
 KEYS_STAGES = 1     # software pipelining of the key kernels' tile loops (shared memory: [64, 64] fp32 tiles)
 DSTATE_STAGES = 1   # the same for the reverse state sweep's chunk loop (see chunk_fwd.MEAN_STAGES)
+# The reverse sweep's two transposed products on bf16 tensor cores (chunk_fwd.bf16_dots), at
+# K > 128 only: on an H100 at (8, 4096, 6, 256, 512) 3.2–3.5 → 2.4 ms with V blocks of 64 and
+# 8 warps. At K = 128 its (32, 4) launch made an illegal memory access (Triton 3.6 on Hopper)
+# and (64, 4) / (64, 8) were slower than the fp32 products (0.52 against 0.47 ms).
+DSTATE_UPDATE_16 = 1
+# The local kernel's products with the bf16 state slots in bf16 (chunk_fwd.bf16_dots): on an
+# H100 1.87 → 1.29 ms at K = 256, 0.47 → 0.41 at K = 128, 0.35 → 0.31 at K = 64.
+LOCAL_SLOT_DOTS = 1
 
 
 def _key_block(K):
@@ -106,7 +114,8 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     dR = torch.empty(n_tok, H, V, **f32)                      # dE, made dR in place by _square_kernel
     _dstate_kernel[(triton.cdiv(V, BV), N * H)](
         q, g, mid.u_dots, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dS0, dR, scale, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=dstate_warps,
+        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k),
+        UPDATE_16=K > 128 and bf16_dots(DSTATE_UPDATE_16, q, mid.wkeys), num_warps=dstate_warps,
         num_stages=DSTATE_STAGES)
     Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
     _square_kernel[grid_cc](mid.e, d_out, dR, mid.linv, plan.chunks, plan.cu, Gs, dL, scale, H, V=V, BV=BVL, C=C,
@@ -116,7 +125,8 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     dgc_blocks = torch.empty(n_kb, plan.n_chunks, H, **f32)
     _local_kernel[(n_kb, plan.n_chunks, H)](
         mid.e, d_out, dR, mid.h_slots, dh_slots, plan.chunks, plan.cu, plan.slot0,
-        dQS, EdS, dKt, dgc_blocks, scale, H, plan.n_chunks, K=K, V=V, BKB=BKB, BV=BVL, C=C, num_warps=4)
+        dQS, EdS, dKt, dgc_blocks, scale, H, plan.n_chunks, K=K, V=V, BKB=BKB, BV=BVL, C=C,
+        SLOT_DOTS=bf16_dots(LOCAL_SLOT_DOTS, mid.h_slots, k), num_warps=4)
     return dict(Gs=Gs, dL=dL, dQS=dQS, EdS=EdS, dKt=dKt, dR=dR, dgc=dgc_blocks.sum(0), dh_slots=dh_slots,
                 dS0=dS0)
 

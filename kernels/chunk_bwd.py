@@ -56,7 +56,7 @@ def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, chunk_ptr, cu_ptr, ma_ptr, s
 def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
                    dh_ptr, ds0_ptr, de_ptr, scale, H,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                   KEY_DOTS: tl.constexpr):
+                   KEY_DOTS: tl.constexpr, UPDATE_16: tl.constexpr):
     """Reverse h-loop. dh slot slot0 + i + 1 receives the adjoint of the state at the end of
     chunk i, in the slots' dtype (bf16 with 16-bit keys, like the forward's h slots), ds0 the
     initial state's adjoint in fp32 (slot0 stays unused); also stores dE per token. The loop
@@ -89,25 +89,36 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, 
         # U·dS takes U as stored (bf16 in training: reset's keys, bayes' copy) and dS rounded
         # to it: bf16 tensor-core products, as the forward rounds S in W·S (_mean_kernel). On
         # an H100 at K = 256: 5.9 → 3.6 ms for this kernel, 6e-4 relative change in dR. The transposed
-        # products below stay fp32: with bf16 operands Triton 3.6 on Hopper produced illegal
-        # memory accesses there.
+        # products below take bf16 only with UPDATE_16, their operands read transposed from
+        # memory: bf16 register transposes made Triton 3.6 on Hopper produce illegal memory
+        # accesses, and so did UPDATE_16 itself at K = 128 (backward.DSTATE_UPDATE_16).
         if KEY_DOTS:
             UdS = tl.dot(U, dS.to(U.dtype))
         else:
             UdS = tl.dot(U.to(tl.float32), dS)
         dE = tl.dot(Ma, dO) + (w * last)[:, None] * UdS
         tl.store(de_ptr + tok[:, None] * V + vv[None, :], dE, mask=vmask)
-        qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
         gamma = tl.exp(tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0))
-        Wk = tl.load(wk_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
-        dS = gamma_C * dS + scale * tl.dot(tl.trans(qc * gamma[:, None]), dO) - tl.dot(tl.trans(Wk), dE)
+        if UPDATE_16:
+            # (ΓQ)ᵀ and Wᵀ read transposed from memory ([K, C]) and the bf16 products with dO
+            # and dE rounded to bf16, as the forward's update (chunk_fwd.bf16_dots).
+            kmask_t = (kk[:, None] < K) & valid[None, :]
+            qt = tl.load(q_ptr + tok[None, :] * K + kk[:, None], mask=kmask_t, other=0.0)
+            Wt = tl.load(wk_ptr + tok[None, :] * K + kk[:, None], mask=kmask_t, other=0.0)
+            qt = (qt * (scale * gamma)[None, :]).to(Wt.dtype)
+            dS = gamma_C * dS + tl.dot(qt, dO.to(Wt.dtype)) - tl.dot(Wt, dE.to(Wt.dtype))
+        else:
+            qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+            Wk = tl.load(wk_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+            dS = gamma_C * dS + scale * tl.dot(tl.trans(qc * gamma[:, None]), dO) - tl.dot(tl.trans(Wk), dE)
     tl.store(ds0_ptr + pid.to(tl.int64) * K * V + state_off, dS, mask=state_mask)
 
 
 @triton.jit
 def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_ptr,
                   dqs_ptr, eds_ptr, dkt_ptr, dgc_ptr, scale, H, n_chunks,
-                  K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+                  K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                  SLOT_DOTS: tl.constexpr):
     """The C × K local terms for one K block of a chunk: scale·dO S0ᵀ, E dS_Cᵀ, −dR S0ᵀ, and
     this block's part of ⟨S0, dS_C⟩."""
     pid_k, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -125,17 +136,29 @@ def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_
         vv = vb + tl.arange(0, BV)
         vmask = valid[:, None] & (vv[None, :] < V)
         smask = (kk[:, None] < K) & (vv[None, :] < V)
-        # The slots may be bf16: the products stay fp32 (bf16 transposed operands are where
-        # Triton 3.6 miscompiles on Hopper, see _dstate_kernel).
-        S0 = tl.load(start + kk[:, None] * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
-        dSC = tl.load(end_adjoint + kk[:, None] * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
-        dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
+        dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         dR = tl.load(dr_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
-        dQS += tl.dot(dO, tl.trans(S0))
-        EdS += tl.dot(E, tl.trans(dSC))
-        dKt -= tl.dot(dR, tl.trans(S0))
-        dgc += tl.sum(S0 * dSC, 1)
+        if SLOT_DOTS:
+            # bf16 slots read transposed from memory ([BV, BKB], no register transpose), the
+            # fp32 rows rounded to bf16: the products on bf16 tensor cores.
+            smask_t = (vv[:, None] < V) & (kk[None, :] < K)
+            S0t = tl.load(start + kk[None, :] * V + vv[:, None], mask=smask_t, other=0.0)
+            dSCt = tl.load(end_adjoint + kk[None, :] * V + vv[:, None], mask=smask_t, other=0.0)
+            dQS += tl.dot(dO.to(S0t.dtype), S0t)
+            EdS += tl.dot(E.to(S0t.dtype), dSCt)
+            dKt -= tl.dot(dR.to(S0t.dtype), S0t)
+            dgc += tl.sum(S0t.to(tl.float32) * dSCt.to(tl.float32), 0)
+        else:
+            # fp32 products (bf16 transposed register operands are where Triton 3.6
+            # miscompiles on Hopper, see _dstate_kernel).
+            S0 = tl.load(start + kk[:, None] * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
+            dSC = tl.load(end_adjoint + kk[:, None] * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
+            dO = dO.to(tl.float32)
+            dQS += tl.dot(dO, tl.trans(S0))
+            EdS += tl.dot(E, tl.trans(dSC))
+            dKt -= tl.dot(dR, tl.trans(S0))
+            dgc += tl.sum(S0 * dSC, 1)
     kmask = valid[:, None] & (kk[None, :] < K)
     out = tok[:, None] * K + kk[None, :]
     tl.store(dqs_ptr + out, scale * dQS, mask=kmask)

@@ -286,7 +286,7 @@ def _chunk_end(g_ptr, tok, valid, C: tl.constexpr):
 @triton.jit
 def _mean_kernel(wk_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, sf_ptr, e_ptr, H,
                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                 KEY_DOTS: tl.constexpr):
+                 KEY_DOTS: tl.constexpr, UPDATE_16: tl.constexpr):
     """The h-loop: E = L⁻¹ V − W S0 (e holds L⁻¹ V on entry, W = L⁻¹ K̃ from _whiten_kernel) and
     S_C = Γ_C S0 + Uᵀ diag(Λ_C· w) E.
 
@@ -322,10 +322,16 @@ def _mean_kernel(wk_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, s
         else:
             E -= tl.dot(Wk.to(tl.float32), S)
         tl.store(e_ptr + tok[:, None] * V + vv[None, :], E, mask=vmask)
-        U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
-        S = gamma_C * S + tl.dot(tl.trans(U), E * (last * w)[:, None])
+        if UPDATE_16:
+            # Uᵀ read transposed from memory ([K, C], no register transpose) and the weighted
+            # innovations rounded to U's bf16: the update on bf16 tensor cores, as fla does.
+            Ut = tl.load(u_ptr + tok[None, :] * K + kk[:, None], mask=(kk[:, None] < K) & valid[None, :], other=0.0)
+            S = gamma_C * S + tl.dot(Ut, (E * (last * w)[:, None]).to(Ut.dtype))
+        else:
+            U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
+            S = gamma_C * S + tl.dot(tl.trans(U), E * (last * w)[:, None])
     tl.store(sf_ptr + pid.to(tl.int64) * K * V + state_off, S, mask=state_mask)
 
 
@@ -378,28 +384,38 @@ class Plan:
 
     def __init__(self, B, T, cu_seqlens, chunk_size, device):
         C = chunk_size
+        # The tables are built on the host and copied without waiting: a device-side
+        # repeat_interleave or a .sum() read back would stall the host until the GPU queue
+        # drains, and the kernels launched after it would start late (on an H100 this cost
+        # reset 1.2 ms of wall time per fwd+bwd at (8, 4096, 8, 128, 128)). Only cu_seqlens
+        # itself is read back, once.
         if cu_seqlens is None:
             self.lengths = None
-            self.n_docs = B
-            n_per = -(-T // C)
             self.cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
-            per_doc = torch.full((B,), n_per, dtype=torch.int64, device=device)
-            self.max_chunks = n_per
+            per_doc = torch.full((B,), -(-T // C), dtype=torch.int64)
         else:
             bounds = cu_seqlens.tolist()
             self.lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-            self.n_docs = len(self.lengths)
             self.cu = cu_seqlens.to(device=device, dtype=torch.int32)
-            per_doc = torch.tensor([-(-n // C) for n in self.lengths], dtype=torch.int64, device=device)
-            self.max_chunks = int(max(-(-n // C) for n in self.lengths))
-        self.n_chunks = int(per_doc.sum()) if cu_seqlens is not None else B * self.max_chunks
-        doc = torch.repeat_interleave(torch.arange(self.n_docs, device=device), per_doc)
+            per_doc = torch.tensor([-(-n // C) for n in self.lengths], dtype=torch.int64)
+        self.n_docs = len(per_doc)
+        self.max_chunks = int(per_doc.max())
+        self.n_chunks = int(per_doc.sum())
+        doc = torch.repeat_interleave(torch.arange(self.n_docs), per_doc)
         first = torch.cumsum(per_doc, 0) - per_doc                 # first chunk of every document
-        within = torch.arange(self.n_chunks, device=device) - first[doc]
-        self.chunks = torch.stack([doc, within], 1).to(torch.int32).contiguous()
-        self.slot0 = (first + torch.arange(self.n_docs, device=device)).to(torch.int32)
+        within = torch.arange(self.n_chunks) - first[doc]
+        self.chunks = _to_device(torch.stack([doc, within], 1).to(torch.int32), device)
+        self.slot0 = _to_device((first + torch.arange(self.n_docs)).to(torch.int32), device)
         self.n_slots = self.n_chunks + self.n_docs
-        self.per_doc = per_doc
+        self.per_doc = _to_device(per_doc, device)
+
+
+def _to_device(host, device):
+    """A host tensor on the device, copied asynchronously from pinned memory on CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 # Launch settings (module constants: tools/profile_kernels.py --set tries others). The reset system's
@@ -415,6 +431,10 @@ OUT_BV_CAP = 64
 # 1 = none, as validated on the GPU; fla's h-loop autotunes 2–4 stages on Hopper, a candidate
 # for `tools/profile_kernels.py --set MEAN_STAGES=2` (shared memory grows with it).
 MEAN_STAGES = 1
+# The h-loop's state update Uᵀ(…)E on bf16 tensor cores (bf16_dots; 0 = fp32 products). On an
+# H100 (Triton 3.6) with V blocks of 32 and 4 warps: 2.96 → 2.78 ms at (8, 4096, 6, 256, 512),
+# 0.68 → 0.60 ms at (8, 4096, 8, 128, 128) (V blocks of 64 there before); outputs moved 6e-4.
+MEAN_UPDATE_16 = 1
 
 
 def key_dots(k):
@@ -424,6 +444,16 @@ def key_dots(k):
     order 1e10 with Triton 3.9), so the CPU tests take the fp32 products there; the GPU tests
     cover the bf16 path."""
     return not (k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def bf16_dots(enabled, *operands):
+    """Whether a kernel may take its transposed products (the state sweeps' updates, the
+    local terms) on bf16 tensor cores, the fp32 operands rounded to bf16 as fla rounds its
+    innovations: only when the given tensor operands are all bf16 (fp16 would not hold E·w
+    with gains up to 1 / R_MIN) and never under the interpreter (its bf16 dots are wrong,
+    see key_dots)."""
+    return (bool(enabled) and all(x.dtype == torch.bfloat16 for x in operands)
+            and os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 def slot_dtype(k):
@@ -453,6 +483,8 @@ def _mean_launch(K, V, u_dots):
     backward._dstate_launch): avoid it."""
     if K > 128 and u_dots.dtype == torch.float32:
         return _v_block(V, 64), 8
+    if K > 64 and bf16_dots(MEAN_UPDATE_16, u_dots):
+        return _v_block(V, 32), 4          # with the bf16 update, 32 beat 64 at K = 128 and 256
     return _block_v(K, V), 4
 
 
@@ -552,7 +584,8 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     BV, mean_warps = _mean_launch(K, V, u_dots)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
         wkeys, g, u_dots, w, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, s_final, e, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), num_warps=mean_warps, num_stages=MEAN_STAGES)
+        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), UPDATE_16=bf16_dots(MEAN_UPDATE_16, u_dots),
+        num_warps=mean_warps, num_stages=MEAN_STAGES)
     return Intermediates(h_slots, s_final, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor,
                          packed if mode == "bayes" else None)
 

@@ -99,6 +99,14 @@ def case_reset_batch():
     return _compare("reset", make_inputs(B=2, T=50, H=2, K=32, V=16, seed=9), chunk_size=32), FP32_TOL
 
 
+def case_reset_chunk_64_documents_end_mid_chunk():
+    # Full 64-token chunks and a document that ends inside one (its rows past the end belong
+    # to the next document).
+    inputs = make_inputs(B=1, T=128, H=2, K=32, V=16, seed=10)
+    return _compare("reset", inputs, cu_seqlens=torch.tensor([0, 37, 128]), chunk_size=64,
+                    output_variance=False), FP32_TOL
+
+
 def case_bayes_bf16_inputs():
     return _compare("bayes", make_inputs(B=1, T=64, H=2, K=16, V=16, seed=10), dtype=torch.bfloat16,
                     grads=False), BF16_TOL
