@@ -51,6 +51,8 @@ def _dstate_launch(K, V, u_dots):
 # (8, 4096, 6, 256, 512) and (8, 4096, 8, 128, 128): own 7.3 → 6.0 ms at K = 256 with 8 warps
 # (equal at 128), sweep 9.6 → 8.7 and 2.9 → 2.5 ms with 4, keys 12.1 / 10.3 ms with 8 (4: 17.1 / 15.6).
 OWN_WARPS, COV_SWEEP_WARPS, KEYS_WARPS = 8, 4, 8
+# The chunk-parallel value and reset kernels (chunk_bwd.py).
+READOUT_WARPS, SQUARE_WARPS, LOCAL_WARPS, RESET_KEYS_WARPS = 4, 4, 4, 4
 KEYS_STAGES = 1     # software pipelining of the key kernels' tile loops (shared memory: [64, 64] fp32 tiles)
 DSTATE_STAGES = 1   # the same for the reverse state sweep's chunk loop (see chunk_fwd.MEAN_STAGES)
 # The reverse sweep's two transposed products on bf16 tensor cores (chunk_fwd.bf16_dots), at
@@ -108,7 +110,7 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     dS_final = torch.zeros(N, H, K, V, **f32) if dS_final is None else dS_final.float().contiguous()
     ma = torch.empty(n_tok, H, C, **f32)
     _readout_map_kernel[grid_cc](q, mid.u_dots, g, mid.w, plan.chunks, plan.cu, ma, scale, H,
-                                 K=K, BKB=BKB, C=C, num_warps=4)
+                                 K=K, BKB=BKB, C=C, num_warps=READOUT_WARPS)
     dh_slots = torch.empty_like(mid.h_slots)
     dS0 = torch.empty(N, H, K, V, **f32)
     dR = torch.empty(n_tok, H, V, **f32)                      # dE, made dR in place by _square_kernel
@@ -119,14 +121,14 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
         num_stages=DSTATE_STAGES)
     Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
     _square_kernel[grid_cc](mid.e, d_out, dR, mid.linv, plan.chunks, plan.cu, Gs, dL, scale, H, V=V, BV=BVL, C=C,
-                            num_warps=4)
+                            num_warps=SQUARE_WARPS)
     n_kb = triton.cdiv(K, BKB)
     dQS, EdS, dKt = (torch.empty(n_tok, H, K, **f32) for _ in range(3))
     dgc_blocks = torch.empty(n_kb, plan.n_chunks, H, **f32)
     _local_kernel[(n_kb, plan.n_chunks, H)](
         mid.e, d_out, dR, mid.h_slots, dh_slots, plan.chunks, plan.cu, plan.slot0,
         dQS, EdS, dKt, dgc_blocks, scale, H, plan.n_chunks, K=K, V=V, BKB=BKB, BV=BVL, C=C,
-        SLOT_DOTS=bf16_dots(LOCAL_SLOT_DOTS, mid.h_slots, k), num_warps=4)
+        SLOT_DOTS=bf16_dots(LOCAL_SLOT_DOTS, mid.h_slots, k), num_warps=LOCAL_WARPS)
     return dict(Gs=Gs, dL=dL, dQS=dQS, EdS=EdS, dKt=dKt, dR=dR, dgc=dgc_blocks.sum(0), dh_slots=dh_slots,
                 dS0=dS0)
 
@@ -138,7 +140,7 @@ def _reset_keys(q, k, g, beta, sums, plan, C):
     BKB = _key_block(K)
     _reset_keys_kernel[(plan.n_chunks, H)](
         q, k, g, beta, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"], sums["dKt"], sums["dgc"],
-        plan.chunks, plan.cu, dq, dk, dg, dbeta, H, K=K, BKB=BKB, C=C, num_warps=4)
+        plan.chunks, plan.cu, dq, dk, dg, dbeta, H, K=K, BKB=BKB, C=C, num_warps=RESET_KEYS_WARPS)
     return dq, dk, dg, dbeta
 
 

@@ -382,21 +382,20 @@ class Plan:
     slot of every document (its chunks' start states, then its final state).
     """
 
-    def __init__(self, B, T, cu_seqlens, chunk_size, device):
+    def __init__(self, B, T, bounds, chunk_size, device):
+        """bounds: the document boundaries (cu_seqlens) as a host sequence, or None."""
         C = chunk_size
         # The tables are built on the host and copied without waiting: a device-side
         # repeat_interleave or a .sum() read back would stall the host until the GPU queue
         # drains, and the kernels launched after it would start late (on an H100 this cost
-        # reset 1.2 ms of wall time per fwd+bwd at (8, 4096, 8, 128, 128)). Only cu_seqlens
-        # itself is read back, once.
-        if cu_seqlens is None:
+        # reset 1.2 ms of wall time per fwd+bwd at (8, 4096, 8, 128, 128)).
+        if bounds is None:
             self.lengths = None
             self.cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
             per_doc = torch.full((B,), -(-T // C), dtype=torch.int64)
         else:
-            bounds = cu_seqlens.tolist()
             self.lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-            self.cu = cu_seqlens.to(device=device, dtype=torch.int32)
+            self.cu = _to_device(torch.tensor(bounds, dtype=torch.int32), device)
             per_doc = torch.tensor([-(-n // C) for n in self.lengths], dtype=torch.int64)
         self.n_docs = len(per_doc)
         self.max_chunks = int(per_doc.max())
@@ -410,6 +409,22 @@ class Plan:
         self.per_doc = _to_device(per_doc, device)
 
 
+_PLANS = {}
+
+
+def plan_for(B, T, cu_seqlens, chunk_size, device):
+    """The Plan of these arguments, built once and reused: every layer of a model, and the
+    backward of each, asks for the same one. cu_seqlens is read back to the host (one sync
+    per call with documents; none without)."""
+    bounds = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
+    key = (B, T, bounds, chunk_size, str(device))
+    if key not in _PLANS:
+        if len(_PLANS) >= 64:              # a loader with varying documents: keep it bounded
+            _PLANS.clear()
+        _PLANS[key] = Plan(B, T, bounds, chunk_size, device)
+    return _PLANS[key]
+
+
 def _to_device(host, device):
     """A host tensor on the device, copied asynchronously from pinned memory on CUDA."""
     device = torch.device(device)
@@ -421,7 +436,7 @@ def _to_device(host, device):
 # Launch settings (module constants: tools/profile_kernels.py --set tries others). The reset system's
 # serial inverse is latency-bound: 2 warps took it from 1.54 to 0.60 ms at (8, 4096, 6, 256)
 # on an H100 (0.89 → 0.82 at H = 8, K = 128; 1 warp: 1.20 and 0.87).
-COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS = 8, 4, 2
+COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 8, 4, 2, 4
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
 # Widest V block of the output kernel for K > 128 with 16-bit operands (see _out_block). 64
 # took reset's output kernel from 1.36 to 0.88 ms at (8, 4096, 6, 256, 512) on an H100,
@@ -569,8 +584,6 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
             vpri if vpri is not None else w, H,
             K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
             GIVEN_FACTORS=factors is not None, U_COPY=u_copy, num_warps=COV_WARPS, num_stages=1)
-        if factors is None:
-            _check_pivots(w)
     else:
         _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
                                                   K=K, BK=BK, C=C, num_warps=RESET_SYSTEM_WARPS)
@@ -580,7 +593,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     wkeys = torch.empty(n_tok, H, K, dtype=k.dtype if key_dots(k) else torch.float32, device=dev)
     _whiten_kernel[(plan.n_chunks, H)](k, v, g, linv, plan.chunks, plan.cu, wkeys, e, H, K=K, V=V,
                                        BKB=min(BK, 64), BV=_v_block(V, 64), C=C,
-                                       num_warps=4)
+                                       num_warps=WHITEN_WARPS)
     BV, mean_warps = _mean_launch(K, V, u_dots)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
         wkeys, g, u_dots, w, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, s_final, e, H,
@@ -611,4 +624,6 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
         WITH_VARIANCE=output_variance and mode == "bayes", KEY_DOTS=key_dots(k), num_warps=OUT_WARPS)
     if output_variance and mode != "bayes":
         variance.zero_()
+    if mode == "bayes":
+        _check_pivots(mid.w)      # reads back from the GPU: only after every forward launch
     return o, variance, mid.s_final, mid.p_slots, mid.packed

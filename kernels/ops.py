@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .backward import chunk_backward
-from .chunk_fwd import Plan, chunk_forward
+from .chunk_fwd import chunk_forward, plan_for
 
 
 def _final_index(plan):
@@ -34,7 +34,7 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
               chunk_size: int, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor]:
     B, T = q.shape[:2]
-    plan = Plan(B, T, cu_seqlens, chunk_size, q.device)
+    plan = plan_for(B, T, cu_seqlens, chunk_size, q.device)
     assert plan.n_slots == n_slots, "n_slots must match the chunk plan"
     o, variance, S_final, p_slots, factors = chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan,
                                                            scale, output_variance, chunk_size)
@@ -68,7 +68,7 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T = q.shape[:2]
-    plan = Plan(B, T, cu_seqlens, chunk_size, q.device)
+    plan = plan_for(B, T, cu_seqlens, chunk_size, q.device)
     grads = (d_out, d_var if d_var.numel() else None, dS, dP if dP.numel() else None)
     out = chunk_backward(mode, (q, k, v, g, beta, noise), S0, P0, plan, cu_seqlens, grads, scale,
                          output_variance, chunk_size, factors if mode == "bayes" else None)
