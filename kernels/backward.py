@@ -52,7 +52,9 @@ def _dstate_launch(K, V, u_dots):
 # (equal at 128), sweep 9.6 → 8.7 and 2.9 → 2.5 ms with 4, keys 12.1 / 10.3 ms with 8 (4: 17.1 / 15.6).
 OWN_WARPS, COV_SWEEP_WARPS, KEYS_WARPS = 8, 4, 8
 # The chunk-parallel value and reset kernels (chunk_bwd.py).
-READOUT_WARPS, SQUARE_WARPS, LOCAL_WARPS, RESET_KEYS_WARPS = 4, 4, 4, 4
+# 8 warps took reset's key kernel from 1.10 to 0.92 ms at (8, 4096, 8, 128, 128) and 1.29 to 1.23 at
+# (8, 4096, 6, 256, 512) on an H100 (the others were equal or slower with 8, all slower with 2).
+READOUT_WARPS, SQUARE_WARPS, LOCAL_WARPS, RESET_KEYS_WARPS = 4, 4, 4, 8
 KEYS_STAGES = 1     # software pipelining of the key kernels' tile loops (shared memory: [64, 64] fp32 tiles)
 DSTATE_STAGES = 1   # the same for the reverse state sweep's chunk loop (see chunk_fwd.MEAN_STAGES)
 # The reverse sweep's two transposed products on bf16 tensor cores (chunk_fwd.bf16_dots), at
