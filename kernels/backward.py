@@ -33,17 +33,18 @@ from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _rese
 from .chunk_fwd import _v_block, chunk_states, key_dots, bf16_dots
 
 
-def _dstate_launch(K, V, u_dots):
-    """(BV, num_warps) of the reverse state sweep. Measured on an H100 with Triton 3.6: with
+def _dstate_launch(K, V, u_dots, q, wkeys):
+    """(BV, num_warps, UPDATE_16) of the reverse state sweep. Measured on an H100 with Triton 3.6: with
     bf16 U (reset's keys) at K = 256 it takes 3.6 ms with (64, 8) against 5.9 with (32, 4); at
     K = 128, (32, 4) is best. fp32 U takes V blocks of 64 and 4 warps at every K (at K = 256:
     5.6 ms against 8.1 with (32, 4)).
-    (32, 8) and (16, 8) returned NaNs there (a Triton 3.6 Hopper miscompilation): avoid them."""
+    (32, 8) and (16, 8) returned NaNs there (a Triton 3.6 Hopper miscompilation): avoid them.
+    The bf16 update (DSTATE_UPDATE_16) only at K > 128, see there."""
     if u_dots.dtype == torch.float32:
-        return _v_block(V, 64), 4
+        return _v_block(V, 64), 4, False
     if K > 128:
-        return _v_block(V, 64), 8
-    return _v_block(V, 32), 4
+        return _v_block(V, 64), 8, bf16_dots(DSTATE_UPDATE_16, q, wkeys)
+    return _v_block(V, 32), 4, False
 
 
 # Launch settings (module constants: tools/profile_kernels.py --set tries others): bayes' key-side
@@ -106,7 +107,7 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     n_tok, N = B * T, plan.n_docs
     BK = max(16, triton.next_power_of_2(K))
     BKB = _key_block(K)
-    BV, dstate_warps = _dstate_launch(K, V, mid.u_dots)
+    BV, dstate_warps, update_16 = _dstate_launch(K, V, mid.u_dots, q, mid.wkeys)
     BVL = _v_block(V, 64)
     grid_cc = (plan.n_chunks, H)
     dS_final = torch.zeros(N, H, K, V, **f32) if dS_final is None else dS_final.float().contiguous()
@@ -119,7 +120,7 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     _dstate_kernel[(triton.cdiv(V, BV), N * H)](
         q, g, mid.u_dots, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dS0, dR, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k),
-        UPDATE_16=K > 128 and bf16_dots(DSTATE_UPDATE_16, q, mid.wkeys), num_warps=dstate_warps,
+        UPDATE_16=update_16, num_warps=dstate_warps,
         num_stages=DSTATE_STAGES)
     Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
     _square_kernel[grid_cc](mid.e, d_out, dR, mid.linv, plan.chunks, plan.cu, Gs, dL, scale, H, V=V, BV=BVL, C=C,

@@ -23,7 +23,6 @@ Passes (all fp32 state math; the matrix products run on tensor cores, TF32 for f
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,6 +31,8 @@ import triton
 import triton.language as tl
 
 from titan_bayes.ops import filter_math as fm
+
+from . import _interpreting
 
 
 @triton.jit
@@ -390,15 +391,12 @@ class Plan:
         # drains, and the kernels launched after it would start late (on an H100 this cost
         # reset 1.2 ms of wall time per fwd+bwd at (8, 4096, 8, 128, 128)).
         if bounds is None:
-            self.lengths = None
             self.cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
             per_doc = torch.full((B,), -(-T // C), dtype=torch.int64)
         else:
-            self.lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
             self.cu = _to_device(torch.tensor(bounds, dtype=torch.int32), device)
-            per_doc = torch.tensor([-(-n // C) for n in self.lengths], dtype=torch.int64)
+            per_doc = torch.tensor([-(-(b - a) // C) for a, b in zip(bounds[:-1], bounds[1:])], dtype=torch.int64)
         self.n_docs = len(per_doc)
-        self.max_chunks = int(per_doc.max())
         self.n_chunks = int(per_doc.sum())
         doc = torch.repeat_interleave(torch.arange(self.n_docs), per_doc)
         first = torch.cumsum(per_doc, 0) - per_doc                 # first chunk of every document
@@ -458,7 +456,7 @@ def key_dots(k):
     Not under Triton's interpreter with bf16 keys: it computes bf16 dots wrongly (values of
     order 1e10 with Triton 3.9), so the CPU tests take the fp32 products there; the GPU tests
     cover the bf16 path."""
-    return not (k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return not (k.dtype == torch.bfloat16 and _interpreting())
 
 
 def bf16_dots(enabled, *operands):
@@ -467,8 +465,7 @@ def bf16_dots(enabled, *operands):
     innovations: only when the given tensor operands are all bf16 (fp16 would not hold E·w
     with gains up to 1 / R_MIN) and never under the interpreter (its bf16 dots are wrong,
     see key_dots)."""
-    return (bool(enabled) and all(x.dtype == torch.bfloat16 for x in operands)
-            and os.environ.get("TRITON_INTERPRET", "0") != "1")
+    return bool(enabled) and all(x.dtype == torch.bfloat16 for x in operands) and not _interpreting()
 
 
 def slot_dtype(k):
@@ -491,16 +488,17 @@ def _block_v(K, V):
 
 
 def _mean_launch(K, V, u_dots):
-    """(BV, num_warps) of the h-loop. Measured on an H100 (Triton 3.6) at K = 256, V = 512:
+    """(BV, num_warps, UPDATE_16) of the h-loop. Measured on an H100 (Triton 3.6) at K = 256, V = 512:
     with fp32 U (read again by every V block) 6.3 → 3.7 ms with (64, 8) instead of (32, 4);
     with bf16 U (reset's keys) (32, 4) is fastest (2.0 ms; (64, 8) 2.25, (64, 4) 3.1).
     (32, 8) returned NaNs there (the Triton 3.6 Hopper miscompilation noted at
     backward._dstate_launch): avoid it."""
     if K > 128 and u_dots.dtype == torch.float32:
-        return _v_block(V, 64), 8
-    if K > 64 and bf16_dots(MEAN_UPDATE_16, u_dots):
-        return _v_block(V, 32), 4          # with the bf16 update, 32 beat 64 at K = 128 and 256
-    return _block_v(K, V), 4
+        return _v_block(V, 64), 8, False
+    update_16 = bf16_dots(MEAN_UPDATE_16, u_dots)
+    if K > 64 and update_16:
+        return _v_block(V, 32), 4, True    # with the bf16 update, 32 beat 64 at K = 128 and 256
+    return _block_v(K, V), 4, update_16
 
 
 def _out_block(K, V, u_dots):
@@ -594,10 +592,10 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     _whiten_kernel[(plan.n_chunks, H)](k, v, g, linv, plan.chunks, plan.cu, wkeys, e, H, K=K, V=V,
                                        BKB=min(BK, 64), BV=_v_block(V, 64), C=C,
                                        num_warps=WHITEN_WARPS)
-    BV, mean_warps = _mean_launch(K, V, u_dots)
+    BV, mean_warps, update_16 = _mean_launch(K, V, u_dots)
     _mean_kernel[(triton.cdiv(V, BV), plan.n_docs * H)](
         wkeys, g, u_dots, w, S0.float().contiguous(), plan.cu, plan.slot0, h_slots, s_final, e, H,
-        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), UPDATE_16=bf16_dots(MEAN_UPDATE_16, u_dots),
+        K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), UPDATE_16=update_16,
         num_warps=mean_warps, num_stages=MEAN_STAGES)
     return Intermediates(h_slots, s_final, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor,
                          packed if mode == "bayes" else None)
