@@ -14,7 +14,8 @@ Passes (all fp32 state math; the matrix products run on tensor cores, TF32 for f
      P (in its slots, global memory: it fits L2 and serves K up to 256 with one code path).
      Per chunk it builds S, factorises S = L D Lᵀ, and stores L⁻¹, w = 1/D, the write
      directions U and the prior part of the predictive variance.
-     reset: `_reset_system_kernel`, parallel over chunks, inverts the delta-rule system.
+     reset: `_reset_system_blocked_kernel` (chunks of 32 and 64; `_reset_system_kernel` for 16),
+     parallel over chunks, inverts the delta-rule system.
   2. `_whiten_kernel`, parallel over chunks: W = L⁻¹ K̃ and L⁻¹ V. Then `_mean_kernel`, one
      program per (document, head, V block): the h-loop carrying S = Mᵀ, storing every chunk's
      start state and the innovations E = L⁻¹ (V − K̃ S0) = L⁻¹ V − W S0.
@@ -251,6 +252,107 @@ def _reset_system_kernel(k_ptr, g_ptr, beta_ptr, chunk_ptr, cu_ptr, linv_ptr, H,
 
 
 @triton.jit
+def _sub_block(k_ptr, g_ptr, beta_ptr, row0, eos, lg_start, h, H, K: tl.constexpr, BK: tl.constexpr):
+    """16 rows of a chunk from row0 of the packed stream: their keys [16, BK] in fp32, log
+    decays from the chunk start (lg_start: the decays of the rows before), beta, token offsets
+    and which rows lie inside the document (rows past it read zeros, so their keys vanish)."""
+    rows = row0 + tl.arange(0, 16)
+    valid = rows < eos
+    tok = rows * H + h
+    kk = tl.arange(0, BK)
+    keys = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=valid[:, None] & (kk[None, :] < K), other=0.0)
+    lg = lg_start + tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
+    beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    return keys.to(tl.float32), lg, beta, tok, valid
+
+
+@triton.jit
+def _system_block(k_i, lg_i, k_j, lg_j, beta_j, DIAGONAL: tl.constexpr):
+    """Block (i, j ≤ i) of A = strict_tril((K Kᵀ) ∘ Λ ∘ beta_s) between two 16-row blocks.
+    Off the diagonal every t > s, so lg_i − lg_j ≤ 0 and the exponent cannot overflow."""
+    A = tl.dot(k_i, tl.trans(k_j))
+    diff = lg_i[:, None] - lg_j[None, :]
+    if DIAGONAL:
+        r = tl.arange(0, 16)
+        strict = r[:, None] > r[None, :]
+        return tl.where(strict, A * tl.exp(tl.where(strict, diff, float("-inf"))) * beta_j[None, :], 0.0)
+    return A * tl.exp(diff) * beta_j[None, :]
+
+
+@triton.jit
+def _mm(a, b):
+    """A 16 × 16 product in full fp32 (the merges of the blocked inverse; tf32 would cost
+    accuracy, and at this size the fp32 FMAs are cheap)."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _store_block(linv_ptr, tok, valid, j, X, C: tl.constexpr):
+    """Write column block j (16 wide) of 16 rows of L⁻¹."""
+    r = tl.arange(0, 16)
+    tl.store(linv_ptr + tok[:, None] * C + 16 * j + r[None, :], X, mask=valid[:, None])
+
+
+@triton.jit
+def _store_zeros_right(linv_ptr, tok, valid, col0, C: tl.constexpr):
+    """Zeros from column col0 on in 16 rows of L⁻¹ (lower triangular; the buffer is uninitialised)."""
+    cols = tl.arange(0, C)
+    tl.store(linv_ptr + tok[:, None] * C + cols[None, :], tl.zeros([16, C], dtype=tl.float32),
+             mask=valid[:, None] & (cols[None, :] >= col0))
+
+
+@triton.jit
+def _reset_system_blocked_kernel(k_ptr, g_ptr, beta_ptr, chunk_ptr, cu_ptr, linv_ptr, H,
+                                 K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
+    """L⁻¹ of reset's chunk system by 16-row blocks (C = 32 or 64), as fla's solve_tril: each
+    diagonal block X_bb = (I + A_bb)⁻¹ by its own 15-step substitution on a 16 × 16 tile, the
+    blocks independent of each other, then the blocks below the diagonal from (I + A) X = I,
+    column block by column block: X_ij = −X_ii Σ_{j≤k<i} A_ik X_kj."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    n, i = tl.load(chunk_ptr + 2 * c), tl.load(chunk_ptr + 2 * c + 1)
+    bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+    row0 = bos + i * C
+    r = tl.arange(0, 16)
+    k0, lg0, b0, t0, v0 = _sub_block(k_ptr, g_ptr, beta_ptr, row0, eos, 0.0, h, H, K, BK)
+    lg_end0 = tl.sum(tl.where(r == 15, lg0, 0.0), 0)
+    k1, lg1, b1, t1, v1 = _sub_block(k_ptr, g_ptr, beta_ptr, row0 + 16, eos, lg_end0, h, H, K, BK)
+    X00 = _unit_lower_inverse(_system_block(k0, lg0, k0, lg0, b0, True), 16)
+    X11 = _unit_lower_inverse(_system_block(k1, lg1, k1, lg1, b1, True), 16)
+    A10 = _system_block(k1, lg1, k0, lg0, b0, False)
+    X10 = -_mm(_mm(X11, A10), X00)
+    _store_block(linv_ptr, t0, v0, 0, X00, C)
+    _store_zeros_right(linv_ptr, t0, v0, 16, C)
+    _store_block(linv_ptr, t1, v1, 0, X10, C)
+    _store_block(linv_ptr, t1, v1, 1, X11, C)
+    _store_zeros_right(linv_ptr, t1, v1, 32, C)
+    if C == 64:
+        lg_end1 = tl.sum(tl.where(r == 15, lg1, 0.0), 0)
+        k2, lg2, b2, t2, v2 = _sub_block(k_ptr, g_ptr, beta_ptr, row0 + 32, eos, lg_end1, h, H, K, BK)
+        lg_end2 = tl.sum(tl.where(r == 15, lg2, 0.0), 0)
+        k3, lg3, b3, t3, v3 = _sub_block(k_ptr, g_ptr, beta_ptr, row0 + 48, eos, lg_end2, h, H, K, BK)
+        X22 = _unit_lower_inverse(_system_block(k2, lg2, k2, lg2, b2, True), 16)
+        X33 = _unit_lower_inverse(_system_block(k3, lg3, k3, lg3, b3, True), 16)
+        A20 = _system_block(k2, lg2, k0, lg0, b0, False)
+        A21 = _system_block(k2, lg2, k1, lg1, b1, False)
+        A30 = _system_block(k3, lg3, k0, lg0, b0, False)
+        A31 = _system_block(k3, lg3, k1, lg1, b1, False)
+        A32 = _system_block(k3, lg3, k2, lg2, b2, False)
+        X21 = -_mm(_mm(X22, A21), X11)
+        X20 = -_mm(X22, _mm(A20, X00) + _mm(A21, X10))
+        X32 = -_mm(_mm(X33, A32), X22)
+        X31 = -_mm(X33, _mm(A31, X11) + _mm(A32, X21))
+        X30 = -_mm(X33, _mm(A30, X00) + _mm(A31, X10) + _mm(A32, X20))
+        _store_block(linv_ptr, t2, v2, 0, X20, C)
+        _store_block(linv_ptr, t2, v2, 1, X21, C)
+        _store_block(linv_ptr, t2, v2, 2, X22, C)
+        _store_zeros_right(linv_ptr, t2, v2, 48, C)
+        _store_block(linv_ptr, t3, v3, 0, X30, C)
+        _store_block(linv_ptr, t3, v3, 1, X31, C)
+        _store_block(linv_ptr, t3, v3, 2, X32, C)
+        _store_block(linv_ptr, t3, v3, 3, X33, C)
+
+
+@triton.jit
 def _whiten_kernel(k_ptr, v_ptr, g_ptr, linv_ptr, chunk_ptr, cu_ptr, wk_ptr, e_ptr, H,
                    K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
     """The chunk's whitened keys W = L⁻¹ K̃ (stored in wk's dtype) and whitened values L⁻¹ V
@@ -435,6 +537,11 @@ def _to_device(host, device):
 # serial inverse is latency-bound: 2 warps took it from 1.54 to 0.60 ms at (8, 4096, 6, 256)
 # on an H100 (0.89 → 0.82 at H = 8, K = 128; 1 warp: 1.20 and 0.87).
 COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 8, 4, 2, 4
+# reset's system inverse by 16-row blocks (_reset_system_blocked_kernel) at chunk sizes 32 and
+# 64, else row by row. NOT YET RUN ON A GPU (written without device time left): profile it with
+# `tools/profile_kernels.py --modes reset --set RESET_SYSTEM_BLOCKED=0` (errors and times against
+# the row-by-row kernel) and `RESET_BLOCKED_WARPS=1/2/4`, then run pytest -m gpu.
+RESET_SYSTEM_BLOCKED, RESET_BLOCKED_WARPS = 1, 2
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
 # Widest V block of the output kernel for K > 128 with 16-bit operands (see _out_block). 64
 # took reset's output kernel from 1.36 to 0.88 ms at (8, 4096, 6, 256, 512) on an H100,
@@ -583,8 +690,12 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
             K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
             GIVEN_FACTORS=factors is not None, U_COPY=u_copy, num_warps=COV_WARPS, num_stages=1)
     else:
-        _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
-                                                  K=K, BK=BK, C=C, num_warps=RESET_SYSTEM_WARPS)
+        if RESET_SYSTEM_BLOCKED and C > 16:
+            _reset_system_blocked_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
+                                                              K=K, BK=BK, C=C, num_warps=RESET_BLOCKED_WARPS)
+        else:
+            _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
+                                                      K=K, BK=BK, C=C, num_warps=RESET_SYSTEM_WARPS)
         u, w = k, beta                          # reset: write along the keys with gain beta
         u_dots = k
     e = torch.empty(n_tok, H, V, **f32)
