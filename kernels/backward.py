@@ -48,10 +48,15 @@ def _dstate_launch(K, V, u_dots, q, wkeys):
 
 
 # Launch settings (module constants: tools/profile_kernels.py --set tries others): bayes' key-side
-# kernels (bayes_keys.py: own terms, covariance sweep, input gradients). Swept on an H100 at
-# (8, 4096, 6, 256, 512) and (8, 4096, 8, 128, 128): own 7.3 → 6.0 ms at K = 256 with 8 warps
-# (equal at 128), sweep 9.6 → 8.7 and 2.9 → 2.5 ms with 4, keys 12.1 / 10.3 ms with 8 (4: 17.1 / 15.6).
-OWN_WARPS, COV_SWEEP_WARPS, KEYS_WARPS = 8, 4, 8
+# kernels (bayes_keys.py: own terms, covariance sweep, input gradients), by chunk size. Swept on
+# an H100 at (8, 4096, 6, 256, 512) and (8, 4096, 8, 128, 128). C = 64: own 7.3 → 6.0 ms at K = 256
+# with 8 warps (equal at 128), keys 12.1 / 10.3 ms with 8 (4: 17.1 / 15.6). C = 32 (bayes'
+# default): 4 warps, own 1.32 → 0.81 and 1.07 → 0.63 ms, keys 8.47 → 7.74 and 5.10 → 4.68 ms
+# against 8. The sweep: 4 warps (C = 64: 9.6 → 8.7 and 2.9 → 2.5 ms against 8; C = 32: 9.25 and
+# 2.75 against 11.49 and 3.29).
+OWN_WARPS = {16: 8, 32: 4, 64: 8}     # C = 16 untried with 4
+KEYS_WARPS = {16: 8, 32: 4, 64: 8}
+COV_SWEEP_WARPS = 4
 # The chunk-parallel value and reset kernels (chunk_bwd.py).
 # 8 warps took reset's key kernel from 1.10 to 0.92 ms at (8, 4096, 8, 128, 128) and 1.29 to 1.23 at
 # (8, 4096, 6, 256, 512) on an H100 (the others were equal or slower with 8, all slower with 2).
@@ -162,7 +167,7 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     grid_cc = (plan.n_chunks, H)
     G, Bf = torch.empty(n_tok, H, K, **f32), torch.empty(n_tok, H, K, **f32)
     _bayes_own_kernel[grid_cc](q, k, g, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["EdS"], dvar,
-                               plan.chunks, plan.cu, G, Bf, scale, H, K=K, BKB=BKB, C=C, VAR=VAR, num_warps=OWN_WARPS,
+                               plan.chunks, plan.cu, G, Bf, scale, H, K=K, BKB=BKB, C=C, VAR=VAR, num_warps=OWN_WARPS[C],
                                num_stages=KEYS_STAGES)
     # dP in state slots like P: slot slot0 + i + 1 ends as the adjoint of chunk i's end covariance.
     dp_slots = torch.empty_like(mid.p_slots)
@@ -184,5 +189,5 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
         q, k, g, beta, noise, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],
         sums["dKt"], sums["dgc"], dvar, mid.p_slots, dp_slots, plan.chunks, plan.cu, plan.slot0,
         Zs, F, kpart, dq, dk, dg, dbeta, dnoise, scale, H,
-        K=K, BKB=BKB, C=C, R_MIN=fm.R_MIN, VAR=VAR, num_warps=KEYS_WARPS, num_stages=KEYS_STAGES)
+        K=K, BKB=BKB, C=C, R_MIN=fm.R_MIN, VAR=VAR, num_warps=KEYS_WARPS[C], num_stages=KEYS_STAGES)
     return dq, dk, dg, dbeta, dnoise, dP0

@@ -252,25 +252,31 @@ def _reset_system_kernel(k_ptr, g_ptr, beta_ptr, chunk_ptr, cu_ptr, linv_ptr, H,
 
 
 @triton.jit
-def _sub_block(k_ptr, g_ptr, beta_ptr, row0, eos, lg_start, h, H, K: tl.constexpr, BK: tl.constexpr):
-    """16 rows of a chunk from row0 of the packed stream: their keys [16, BK] in fp32, log
-    decays from the chunk start (lg_start: the decays of the rows before), beta, token offsets
-    and which rows lie inside the document (rows past it read zeros, so their keys vanish)."""
+def _sub_block(g_ptr, beta_ptr, row0, eos, lg_start, h, H):
+    """16 rows of a chunk from row0 of the packed stream: their log decays from the chunk start
+    (lg_start: the decays of the rows before), beta, token offsets and which rows lie inside
+    the document (rows past it read zero keys and beta, so their entries of A vanish)."""
     rows = row0 + tl.arange(0, 16)
     valid = rows < eos
     tok = rows * H + h
-    kk = tl.arange(0, BK)
-    keys = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=valid[:, None] & (kk[None, :] < K), other=0.0)
     lg = lg_start + tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-    return keys.to(tl.float32), lg, beta, tok, valid
+    return lg, beta, tok, valid
 
 
 @triton.jit
-def _system_block(k_i, lg_i, k_j, lg_j, beta_j, DIAGONAL: tl.constexpr):
-    """Block (i, j ≤ i) of A = strict_tril((K Kᵀ) ∘ Λ ∘ beta_s) between two 16-row blocks.
-    Off the diagonal every t > s, so lg_i − lg_j ≤ 0 and the exponent cannot overflow."""
-    A = tl.dot(k_i, tl.trans(k_j))
+def _system_block(k_ptr, tok_i, valid_i, lg_i, tok_j, valid_j, lg_j, beta_j, K: tl.constexpr,
+                  BKS: tl.constexpr, DIAGONAL: tl.constexpr):
+    """Block (i, j ≤ i) of A = strict_tril((K Kᵀ) ∘ Λ ∘ beta_s) between two 16-row blocks. The keys
+    are read in slices of BKS columns, so no [16, K] tile stays in registers (at K = 256 whole
+    key blocks spilled). Off the diagonal every t > s, so lg_i − lg_j ≤ 0 and exp cannot overflow."""
+    kk = tl.arange(0, BKS)
+    A = tl.zeros([16, 16], dtype=tl.float32)
+    for kb in range(0, K, BKS):
+        cols = kb + kk
+        k_i = tl.load(k_ptr + tok_i[:, None] * K + cols[None, :], mask=valid_i[:, None] & (cols[None, :] < K), other=0.0)
+        k_j = tl.load(k_ptr + tok_j[:, None] * K + cols[None, :], mask=valid_j[:, None] & (cols[None, :] < K), other=0.0)
+        A += tl.dot(k_i.to(tl.float32), tl.trans(k_j.to(tl.float32)))
     diff = lg_i[:, None] - lg_j[None, :]
     if DIAGONAL:
         r = tl.arange(0, 16)
@@ -303,7 +309,7 @@ def _store_zeros_right(linv_ptr, tok, valid, col0, C: tl.constexpr):
 
 @triton.jit
 def _reset_system_blocked_kernel(k_ptr, g_ptr, beta_ptr, chunk_ptr, cu_ptr, linv_ptr, H,
-                                 K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
+                                 K: tl.constexpr, BKS: tl.constexpr, C: tl.constexpr):
     """L⁻¹ of reset's chunk system by 16-row blocks (C = 32 or 64), as fla's solve_tril: each
     diagonal block X_bb = (I + A_bb)⁻¹ by its own 15-step substitution on a 16 × 16 tile, the
     blocks independent of each other, then the blocks below the diagonal from (I + A) X = I,
@@ -313,12 +319,12 @@ def _reset_system_blocked_kernel(k_ptr, g_ptr, beta_ptr, chunk_ptr, cu_ptr, linv
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
     row0 = bos + i * C
     r = tl.arange(0, 16)
-    k0, lg0, b0, t0, v0 = _sub_block(k_ptr, g_ptr, beta_ptr, row0, eos, 0.0, h, H, K, BK)
+    lg0, b0, t0, v0 = _sub_block(g_ptr, beta_ptr, row0, eos, 0.0, h, H)
     lg_end0 = tl.sum(tl.where(r == 15, lg0, 0.0), 0)
-    k1, lg1, b1, t1, v1 = _sub_block(k_ptr, g_ptr, beta_ptr, row0 + 16, eos, lg_end0, h, H, K, BK)
-    X00 = _unit_lower_inverse(_system_block(k0, lg0, k0, lg0, b0, True), 16)
-    X11 = _unit_lower_inverse(_system_block(k1, lg1, k1, lg1, b1, True), 16)
-    A10 = _system_block(k1, lg1, k0, lg0, b0, False)
+    lg1, b1, t1, v1 = _sub_block(g_ptr, beta_ptr, row0 + 16, eos, lg_end0, h, H)
+    X00 = _unit_lower_inverse(_system_block(k_ptr, t0, v0, lg0, t0, v0, lg0, b0, K, BKS, True), 16)
+    X11 = _unit_lower_inverse(_system_block(k_ptr, t1, v1, lg1, t1, v1, lg1, b1, K, BKS, True), 16)
+    A10 = _system_block(k_ptr, t1, v1, lg1, t0, v0, lg0, b0, K, BKS, False)
     X10 = -_mm(_mm(X11, A10), X00)
     _store_block(linv_ptr, t0, v0, 0, X00, C)
     _store_zeros_right(linv_ptr, t0, v0, 16, C)
@@ -327,16 +333,16 @@ def _reset_system_blocked_kernel(k_ptr, g_ptr, beta_ptr, chunk_ptr, cu_ptr, linv
     _store_zeros_right(linv_ptr, t1, v1, 32, C)
     if C == 64:
         lg_end1 = tl.sum(tl.where(r == 15, lg1, 0.0), 0)
-        k2, lg2, b2, t2, v2 = _sub_block(k_ptr, g_ptr, beta_ptr, row0 + 32, eos, lg_end1, h, H, K, BK)
+        lg2, b2, t2, v2 = _sub_block(g_ptr, beta_ptr, row0 + 32, eos, lg_end1, h, H)
         lg_end2 = tl.sum(tl.where(r == 15, lg2, 0.0), 0)
-        k3, lg3, b3, t3, v3 = _sub_block(k_ptr, g_ptr, beta_ptr, row0 + 48, eos, lg_end2, h, H, K, BK)
-        X22 = _unit_lower_inverse(_system_block(k2, lg2, k2, lg2, b2, True), 16)
-        X33 = _unit_lower_inverse(_system_block(k3, lg3, k3, lg3, b3, True), 16)
-        A20 = _system_block(k2, lg2, k0, lg0, b0, False)
-        A21 = _system_block(k2, lg2, k1, lg1, b1, False)
-        A30 = _system_block(k3, lg3, k0, lg0, b0, False)
-        A31 = _system_block(k3, lg3, k1, lg1, b1, False)
-        A32 = _system_block(k3, lg3, k2, lg2, b2, False)
+        lg3, b3, t3, v3 = _sub_block(g_ptr, beta_ptr, row0 + 48, eos, lg_end2, h, H)
+        X22 = _unit_lower_inverse(_system_block(k_ptr, t2, v2, lg2, t2, v2, lg2, b2, K, BKS, True), 16)
+        X33 = _unit_lower_inverse(_system_block(k_ptr, t3, v3, lg3, t3, v3, lg3, b3, K, BKS, True), 16)
+        A20 = _system_block(k_ptr, t2, v2, lg2, t0, v0, lg0, b0, K, BKS, False)
+        A21 = _system_block(k_ptr, t2, v2, lg2, t1, v1, lg1, b1, K, BKS, False)
+        A30 = _system_block(k_ptr, t3, v3, lg3, t0, v0, lg0, b0, K, BKS, False)
+        A31 = _system_block(k_ptr, t3, v3, lg3, t1, v1, lg1, b1, K, BKS, False)
+        A32 = _system_block(k_ptr, t3, v3, lg3, t2, v2, lg2, b2, K, BKS, False)
         X21 = -_mm(_mm(X22, A21), X11)
         X20 = -_mm(X22, _mm(A20, X00) + _mm(A21, X10))
         X32 = -_mm(_mm(X33, A32), X22)
@@ -538,10 +544,10 @@ def _to_device(host, device):
 # on an H100 (0.89 → 0.82 at H = 8, K = 128; 1 warp: 1.20 and 0.87).
 COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 8, 4, 2, 4
 # reset's system inverse by 16-row blocks (_reset_system_blocked_kernel) at chunk sizes 32 and
-# 64, else row by row. NOT YET RUN ON A GPU (written without device time left): profile it with
-# `tools/profile_kernels.py --modes reset --set RESET_SYSTEM_BLOCKED=0` (errors and times against
-# the row-by-row kernel) and `RESET_BLOCKED_WARPS=1/2/4`, then run pytest -m gpu.
-RESET_SYSTEM_BLOCKED, RESET_BLOCKED_WARPS = 1, 2
+# 64, else row by row. On an H100 at C = 64 it took 0.52 ms at (8, 4096, 6, 256) and 0.38 at
+# (8, 4096, 8, 128) against the row-by-row 0.61 and 0.83, with 1 warp (2 warps: 0.83 / 0.39;
+# keeping whole [16, K] key blocks in registers spilled: 5.3 ms at K = 256 with 2 warps).
+RESET_SYSTEM_BLOCKED, RESET_BLOCKED_WARPS = 1, 1
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
 # Widest V block of the output kernel for K > 128 with 16-bit operands (see _out_block). 64
 # took reset's output kernel from 1.36 to 0.88 ms at (8, 4096, 6, 256, 512) on an H100,
@@ -692,7 +698,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     else:
         if RESET_SYSTEM_BLOCKED and C > 16:
             _reset_system_blocked_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
-                                                              K=K, BK=BK, C=C, num_warps=RESET_BLOCKED_WARPS)
+                                                             K=K, BKS=min(BK, 64), C=C, num_warps=RESET_BLOCKED_WARPS)
         else:
             _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
                                                       K=K, BK=BK, C=C, num_warps=RESET_SYSTEM_WARPS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -196,7 +197,8 @@ def test_flops_attention_matches_torchtitan_convention():
 
 
 def test_filter_flops_design_note_section5():
-    args = flavors_for("bayes_lm")["340M"]
+    args = replace(flavors_for("bayes_lm")["340M"], chunk_size=64)
+    gdn_args = replace(flavors_for("gdn_lm")["340M"], chunk_size=64)
     # Per head, forward, C = 64, K = 256, V = 512, by hand:
     #   GDN-type: 6KV + 2C(2K + V) = 786432 + 131072 = 917504
     #   Bayes adds 6K² + 2CK + C²/3 = 393216 + 32768 + 1365 = 427349
@@ -208,14 +210,19 @@ def test_filter_flops_design_note_section5():
     assert 1.7 < kv.filter_flops_per_token("bayes") / kv.filter_flops_per_token("reset") < 2.0
 
     with torch.device("meta"):
-        bayes, gdn = BayesLM(args), BayesLM(flavors_for("gdn_lm")["340M"])
+        bayes, gdn = BayesLM(args), BayesLM(gdn_args)
     nb, fb = args.get_nparams_and_flops(bayes, 4096)
-    ng, fg = flavors_for("gdn_lm")["340M"].get_nparams_and_flops(gdn, 4096)
+    ng, fg = gdn_args.get_nparams_and_flops(gdn, 4096)
     assert nb == ng
     emb = 32000 * 1024
     # training = 6 per non-embedding parameter + 3 × the recurrence's forward, per layer
     assert fg == 6 * (ng - emb) + 21 * 3 * 6 * 917504
     assert fb - fg == 21 * 3 * 6 * 427349
+    # chunk_size = 0 (the flavors' default): each layer counts its own mode's chunk length,
+    # C = 32 for bayes: 6KV + 2C(2K + V) + 6K² + 2CK + C²/3 = 786432 + 65536 + 393216 + 16384 + 341.
+    default = flavors_for("bayes_lm")["340M"]
+    assert default.filter_flops_per_token("bayes") == 6 * 1261909
+    assert default.filter_flops_per_token("reset") == 6 * 917504
 
 
 def test_matmul_flops_are_six_per_parameter():

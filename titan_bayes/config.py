@@ -16,8 +16,9 @@ class Bayes:
     # Override the filter mode of every B/D layer: "" keeps the layout letters (B = "bayes",
     # D = "reset"); "bayes", "reset" or "additive" forces one design model everywhere.
     mode: str = ""
-    # Tokens per chunk of the chunk-parallel filter (design note §4).
-    chunk_size: int = 64
+    # Tokens per chunk of the chunk-parallel filter (design note §4). 0: each layer takes the
+    # fastest for its design model (bayes 32, reset and additive 64; ops/api.py DEFAULT_CHUNK_SIZES).
+    chunk_size: int = 0
     # Filter implementation: "auto" (Triton kernels on a GPU once available, else "chunked"),
     # "chunked" (PyTorch, exact), "sequential" (token by token, slow; for checks), "triton".
     backend: str = "auto"

@@ -63,10 +63,12 @@ class _SavesLikeKernel(torch.autograd.Function):
 
 
 def kernel_like_filter(q, k, v, g, beta, *, mode, process_noise=None, prior_scale=1.0,
-                       cu_seqlens=None, chunk_size=64, **kw):
+                       cu_seqlens=None, chunk_size=None, **kw):
     """bayes_filter with the custom op's saved tensors (built as triton_bayes_filter builds
     them: contiguous inputs, fp32 noise, fp32 zero mean and prior covariance per sequence)."""
-    from titan_bayes.ops.api import _initial_belief
+    from titan_bayes.ops.api import DEFAULT_CHUNK_SIZES, _initial_belief
+
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZES[mode]
 
     with torch.no_grad():
         o, _ = _real_filter(q, k, v, g, beta, mode=mode, process_noise=process_noise,

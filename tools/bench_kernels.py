@@ -78,9 +78,10 @@ def memory(forward):
     return (torch.cuda.max_memory_allocated() - before) / 2**20, saved / 2**20
 
 
-def ours(mode, xs, cu):
+def ours(mode, xs, cu, chunk_size=None):
     def forward():
-        return bayes_filter(*xs, mode=mode, backend="triton", cu_seqlens=cu, check_inputs=False)[0]
+        return bayes_filter(*xs, mode=mode, backend="triton", cu_seqlens=cu, chunk_size=chunk_size,
+                            check_inputs=False)[0]
     return forward
 
 

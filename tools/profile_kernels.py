@@ -1,7 +1,7 @@
 """Where a fwd+bwd of the filter kernels spends its time, kernel by kernel (one GPU).
 
     python tools/profile_kernels.py [--shapes targets|all] [--modes bayes reset fla]
-                                    [--set NAME=VALUE ...]
+                                    [--set NAME=VALUE ...] [--chunk-size C] [--forward] [--resources]
 
 For each shape and mode it runs forward+backward under torch.profiler and prints the CUDA time
 per Triton kernel (ms per step, summed over launches). `--set` overrides the kernels' launch
@@ -9,6 +9,8 @@ constants (module constants of kernels/chunk_fwd.py and kernels/backward.py, e.g
 `--set COV_WARPS=4 OWN_WARPS=8`); every output and gradient is then compared with a run at the
 defaults in the same process, so a setting that miscompiles (Triton 3.6 on Hopper returns NaNs
 for some) shows up as an error instead of a speed-up. Only the two target shapes by default.
+`--resources` prints, per compiled kernel, its registers per thread, spilled registers, shared
+memory and warps (spills and one program per SM are what make a kernel slow here).
 """
 
 from __future__ import annotations
@@ -40,14 +42,18 @@ def apply_settings(settings):
             raise SystemExit(f"--set {name}: no launch constant of that name in kernels/chunk_fwd.py "
                              "or kernels/backward.py")
         previous[name] = getattr(module, name)
+        if isinstance(previous[name], dict):          # a setting per chunk size: set it for all
+            value = value if isinstance(value, dict) else dict.fromkeys(previous[name], value)
         setattr(module, name, value)
     return previous
 
 
-def step_fn(mode, xs, cu):
-    forward = fla_gdn(xs, cu) if mode == "fla" else ours(mode, xs, cu)
+def step_fn(mode, xs, cu, chunk_size, forward_only=False):
+    forward = fla_gdn(xs, cu) if mode == "fla" else ours(mode, xs, cu, chunk_size)
 
     def step():
+        if forward_only:
+            return [forward()]
         out = forward()
         return [out] + list(torch.autograd.grad(out.float().sum(), xs, allow_unused=True))
     return step
@@ -68,6 +74,29 @@ def kernel_times(step, reps=3):
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def compiled_resources():
+    """(kernel name, registers, spills, shared bytes, warps) of every compiled variant of our
+    Triton kernels so far (Triton keeps them in each JITFunction's per-device cache)."""
+    import triton
+    rows = []
+    for module in launch_modules() + kernel_modules():
+        for name, fn in vars(module).items():
+            if not isinstance(fn, triton.runtime.jit.JITFunction) or not hasattr(fn, "device_caches"):
+                continue
+            for entry in fn.device_caches.values():
+                for compiled in entry[0].values():
+                    compiled._init_handles()
+                    rows.append((name, compiled.n_regs, compiled.n_spills, compiled.metadata.shared,
+                                 compiled.metadata.num_warps))
+    return sorted(set(rows))
+
+
+def kernel_modules():
+    import titan_bayes.kernels.bayes_keys as bayes_keys
+    import titan_bayes.kernels.chunk_bwd as chunk_bwd
+    return bayes_keys, chunk_bwd
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
@@ -76,6 +105,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="targets", choices=["targets", "all"])
     parser.add_argument("--modes", nargs="+", default=["bayes", "reset"], choices=["bayes", "reset", "fla"])
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="the filter's chunk_size (default: the op's default for each mode)")
+    parser.add_argument("--forward", action="store_true", help="time the forward only")
+    parser.add_argument("--resources", action="store_true",
+                        help="print registers, spills and shared memory of the compiled kernels")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                         help="launch constants to override (integers)")
     args = parser.parse_args()
@@ -88,11 +122,12 @@ def main():
     apply_settings(apply_settings(settings))      # unknown names fail here, before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels needs a CUDA GPU")
-    print(f"device: {torch.cuda.get_device_name()}, settings: {settings or 'defaults'}")
+    print(f"device: {torch.cuda.get_device_name()}, chunk_size {args.chunk_size}, "
+          f"settings: {settings or 'defaults'}")
     for B, T, H, K, V, docs in (SHAPES[:2] if args.shapes == "targets" else SHAPES):
         xs, cu = inputs(B, T, H, K, V, docs)
         for mode in args.modes:
-            step = step_fn(mode, xs, cu)
+            step = step_fn(mode, xs, cu, args.chunk_size, args.forward)
             if mode == "fla" and step is None:
                 print("fla-core is not installed")
                 continue
@@ -111,6 +146,10 @@ def main():
                 print(f"    against the defaults [o dq dk dv dg dbeta]: {errors}", flush=True)
         del xs
         torch.cuda.empty_cache()
+    if args.resources:
+        print("kernel: registers/thread, spilled registers, shared bytes, warps (every compiled variant)")
+        for name, regs, spills, shared, warps in compiled_resources():
+            print(f"  {name}: {regs} regs, {spills} spills, {shared} B shared, {warps} warps")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from torch import nn
 from torchtitan.protocols.model import BaseModelArgs
 
+from titan_bayes.ops.api import DEFAULT_CHUNK_SIZES
+
 LAYER_KINDS = {"B": "Bayesian Layer", "D": "Gated DeltaNet", "A": "causal attention"}
 FILTER_MODES = ("bayes", "reset", "additive")
 PROCESS_NOISE = ("stationary", "zero", "learned")
@@ -80,7 +82,7 @@ class BayesModelArgs(BaseModelArgs):
 
     # Filter options, set from the [bayes] TOML section by update_from_config.
     mode: str = ""  # "" keeps the layout letters' modes; else overrides every B/D layer
-    chunk_size: int = 64
+    chunk_size: int = 0     # 0: DEFAULT_CHUNK_SIZES of the layer's mode (chunk_size_for)
     backend: str = "auto"
     process_noise: str = "stationary"
     prior_scale: float = 1.0
@@ -95,6 +97,10 @@ class BayesModelArgs(BaseModelArgs):
     @property
     def mlp_dim(self) -> int:
         return mlp_hidden_dim(self.dim, self.mlp_ratio, self.multiple_of)
+
+    def chunk_size_for(self, mode: str) -> int:
+        """Chunk length of a filter layer of `mode`: [bayes] chunk_size, or the op's default for the mode."""
+        return self.chunk_size or DEFAULT_CHUNK_SIZES[mode]
 
     def layer_mode(self, letter: str) -> str:
         """The filter mode of a B or D layer."""
@@ -113,8 +119,9 @@ class BayesModelArgs(BaseModelArgs):
         if self.process_noise not in PROCESS_NOISE:
             raise ValueError(f"[bayes] process_noise = {self.process_noise!r} is unknown; use one of "
                              f"{PROCESS_NOISE}")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"[bayes] chunk_size = {self.chunk_size!r} must be a positive integer (e.g. 64)")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
+            raise ValueError(f"[bayes] chunk_size = {self.chunk_size!r} must be a positive integer (e.g. 64), "
+                             f"or 0 for each design model's default {DEFAULT_CHUNK_SIZES}")
         if not self.prior_scale > 0:
             raise ValueError(f"[bayes] prior_scale = {self.prior_scale!r} must be > 0 (the prior "
                              "covariance is prior_scale * I)")
@@ -133,9 +140,9 @@ class BayesModelArgs(BaseModelArgs):
                     f"model has head_k_dim = {self.head_k_dim}, head_v_dim = {self.head_v_dim}; use "
                     "backend = \"chunked\" or smaller heads")
             chunks = getattr(kernels, "CHUNK_SIZES", None)
-            if chunks is not None and self.chunk_size not in chunks:
-                raise ValueError(f"[bayes] backend = \"triton\" supports chunk_size in {tuple(chunks)}, "
-                                 f"got {self.chunk_size}")
+            if chunks is not None and self.chunk_size and self.chunk_size not in chunks:
+                raise ValueError(f"[bayes] backend = \"triton\" supports chunk_size in {tuple(chunks)} "
+                                 f"(or 0: each design model's default), got {self.chunk_size}")
             modes = getattr(kernels, "KERNEL_MODES", FILTER_MODES)
             used = {self.layer_mode(c) for c in self.full_layout if c in "BD"}
             if used - set(modes):
@@ -185,7 +192,7 @@ class BayesModelArgs(BaseModelArgs):
         query-side P products and ZᵀD⁻¹Z), the Z = L⁻¹X solve (2·C·K) and the C×C LDLᵀ factor
         (C³/3 per chunk = C²/3 per token).
         """
-        K, V, C = self.head_k_dim, self.head_v_dim, self.chunk_size
+        K, V, C = self.head_k_dim, self.head_v_dim, self.chunk_size_for(mode)
         per_head = 6 * K * V + 2 * C * (2 * K + V)
         if mode == "bayes":
             per_head += 6 * K * K + 2 * C * K + C * C // 3

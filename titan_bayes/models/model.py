@@ -187,7 +187,7 @@ class FilterMixer(nn.Module):
         self.process_noise = args.process_noise
         self.prior_scale = args.prior_scale
         self.backend = args.backend
-        self.chunk_size = args.chunk_size
+        self.chunk_size = args.chunk_size_for(mode)
         # Filled by forward when a diagnostics pass asks for it (see collect_filter_diagnostics).
         self.record_diagnostics = False
         self.diagnostics: dict[str, torch.Tensor] = {}
