@@ -128,41 +128,52 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
     slot0 = tl.load(slot_ptr + n)
     idx = tl.arange(0, C)
-    kk = tl.arange(0, BK)
     pp = tl.arange(0, BP)
     x_base = x_ptr + pid * C * K          # this program's scratch for X = diag(Γ²) K P0 + diag(d) K
     for i in range(tl.cdiv(eos - bos, C)):
         rows = bos + i * C + idx
         valid = rows < eos
         tok = rows * H + h
-        kmask = valid[:, None] & (kk[None, :] < K)
-        kc = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
         lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
         gamma = tl.exp(lg)
         noise = tl.load(noise_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         d = tl.sum(decay * decay * noise[None, :], 1)          # d_t = Σ_j Λ_tj² q_j
         beta = tl.load(beta_ptr + tok, mask=valid, other=0.5).to(tl.float32)
         r = tl.where(valid, tl.maximum((1.0 - beta) / beta, R_MIN), 1.0)
-        k_tilde = kc * gamma[:, None]
         if WITH_VARIANCE:
-            qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
             q_P_q = tl.zeros([C], dtype=tl.float32)
+            q_sq = tl.zeros([C], dtype=tl.float32)
         p_base = p_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * K
-        # S = K̃ P0 K̃ᵀ and X, one column block of P0 at a time.
+        # S = K̃ P0 K̃ᵀ and X, one column block of P0 at a time, each from [BP, BP] tiles of P0 and
+        # [C, BP] slices of the keys (no [C, K] or [K, BP] tile stays in registers: at K = 256
+        # they spilled).
         S = tl.zeros([C, C], dtype=tl.float32)
+        KK = tl.zeros([C, C], dtype=tl.float32)
         for jb in range(0, K, BP):
             cols = jb + pp
             cmask = cols < K
-            P_blk = tl.load(p_base + kk[:, None] * K + cols[None, :], mask=(kk[:, None] < K) & cmask[None, :], other=0.0)
-            kP = tl.dot(k_tilde, P_blk)                        # [C, BP] block of K̃ P0
+            kP = tl.zeros([C, BP], dtype=tl.float32)           # block of K̃ P0
+            if WITH_VARIANCE:
+                qP = tl.zeros([C, BP], dtype=tl.float32)
+            for ib in range(0, K, BP):
+                r_idx = ib + pp
+                rmask = r_idx < K
+                P_t = tl.load(p_base + r_idx[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+                k_i = tl.load(k_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
+                kP += tl.dot(k_i.to(tl.float32) * gamma[:, None], P_t)
+                if WITH_VARIANCE:
+                    q_i = tl.load(q_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
+                    qP += tl.dot(q_i.to(tl.float32), P_t)
             k_blk = tl.load(k_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             if not GIVEN_FACTORS:
                 S += tl.dot(kP, tl.trans(k_blk * gamma[:, None]))
+                KK += tl.dot(k_blk, tl.trans(k_blk))
             X = gamma[:, None] * kP + d[:, None] * k_blk       # rows Γ_t² P0 k_t + d_t k_t
             tl.store(x_base + idx[:, None] * K + cols[None, :], X, mask=cmask[None, :])
             if WITH_VARIANCE:
                 q_blk = tl.load(q_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                q_P_q += tl.sum(tl.dot(qc, P_blk) * q_blk, 1)
+                q_P_q += tl.sum(qP * q_blk, 1)
+                q_sq += tl.sum(q_blk * q_blk, 1)
         eye = idx[:, None] == idx[None, :]
         if GIVEN_FACTORS:
             F = tl.load(f_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
@@ -173,7 +184,7 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
             # Process noise between observations: (K Kᵀ) ∘ Ψ, Ψ_ts = Λ_ts d_s for t ≥ s, symmetric.
             psi = decay * d[None, :]
             psi = psi + tl.trans(psi) - tl.where(idx[:, None] == idx[None, :], d[None, :], 0.0)
-            S += tl.dot(kc, tl.trans(kc)) * psi
+            S += KK * psi
             S = 0.5 * (S + tl.trans(S)) + tl.where(idx[:, None] == idx[None, :], r[None, :], 0.0)
             Linv, D, L = _ldl_inverse(S, C)
             w = 1.0 / D
@@ -183,7 +194,6 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         tl.store(l_ptr + tok[:, None] * C + idx[None, :], L, mask=valid[:, None])
         tl.store(w_ptr + tok, w, mask=valid)
         if WITH_VARIANCE:
-            q_sq = tl.sum(qc * qc, 1)
             tl.store(vpri_ptr + tok, gamma * gamma * q_P_q + d * q_sq, mask=valid)
         tl.debug_barrier()                                     # X scratch written by all threads
         # U = (L ∘ Λ)⁻¹ X and (L ∘ Λ)⁻¹ = L⁻¹ ∘ Λ (a diagonal similarity by Γ).
