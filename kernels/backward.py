@@ -57,6 +57,7 @@ def _dstate_launch(K, V, u_dots, q, wkeys):
 OWN_WARPS = {16: 8, 32: 4, 64: 8}     # C = 16 untried with 4
 KEYS_WARPS = {16: 8, 32: 4, 64: 8}
 COV_SWEEP_WARPS = 4
+COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk_fwd.COV_STAGES)
 # The chunk-parallel value and reset kernels (chunk_bwd.py).
 # 8 warps took reset's key kernel from 1.10 to 0.92 ms at (8, 4096, 8, 128, 128) and 1.29 to 1.23 at
 # (8, 4096, 6, 256, 512) on an H100 (the others were equal or slower with 8, all slower with 2).
@@ -179,7 +180,8 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
         dp_slots[final] = 0.5 * (dP_final + dP_final.transpose(-1, -2))
     z = torch.empty(N * H, C, K, **f32)
     _cov_sweep_kernel[(N * H,)](mid.u, Bf, k, q, g, G, dvar, plan.cu, plan.slot0, dp_slots, z, scale, H,
-                                K=K, BP=BKB, C=C, VAR=VAR, num_warps=COV_SWEEP_WARPS, num_stages=1)
+                                K=K, BP=BKB, C=C, VAR=VAR, num_warps=COV_SWEEP_WARPS,
+                                num_stages=COV_SWEEP_STAGES)
     dP0 = dp_slots[plan.slot0.long()]
     dq, dk, dg, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g), torch.empty_like(beta)
     dnoise = torch.empty_like(noise)

@@ -45,13 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _chunk_decays, _chunk_tokens, _last_row
-
-
-@triton.jit
-def _mm(a, b):
-    """An exact fp32 product for the C × C factor algebra."""
-    return tl.dot(a, b, input_precision="ieee")
+from .chunk_fwd import _chunk_decays, _chunk_tokens, _last_row, _mm
 
 
 @triton.jit

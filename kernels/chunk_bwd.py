@@ -124,7 +124,6 @@ def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_
     pid_k, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     slot = tl.load(slot_ptr + n) + i
-    idx = tl.arange(0, C)
     kk = pid_k * BKB + tl.arange(0, BKB)
     start = h_ptr + (slot * H + h).to(tl.int64) * K * V
     end_adjoint = dh_ptr + ((slot + 1) * H + h).to(tl.int64) * K * V

@@ -112,7 +112,7 @@ def _unit_lower_inverse(A, C: tl.constexpr):
 @triton.jit
 def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr,
                       u_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, f_ptr, vpri_ptr, H,
-                      K: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
+                      K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
                       R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr,
                       U_COPY: tl.constexpr):
     """The covariance sweep of one (document, head). L⁻¹, L and w are stored unpacked for the
@@ -297,8 +297,9 @@ def _system_block(k_ptr, tok_i, valid_i, lg_i, tok_j, valid_j, lg_j, beta_j, K: 
 
 @triton.jit
 def _mm(a, b):
-    """A 16 × 16 product in full fp32 (the merges of the blocked inverse; tf32 would cost
-    accuracy, and at this size the fp32 FMAs are cheap)."""
+    """An exact fp32 product (input_precision "ieee") for C × C factor algebra: the merges of the
+    blocked inverse here, bayes' factorisation adjoints in bayes_keys.py. Triangular factors can
+    have large entries, TF32 would cost accuracy, and at these sizes the fp32 FMAs are cheap."""
     return tl.dot(a, b, input_precision="ieee")
 
 
@@ -466,7 +467,6 @@ def _output_kernel(q_ptr, g_ptr, u_ptr, w_ptr, e_ptr, h_ptr, vpri_ptr, chunk_ptr
     pid_v, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     slot = tl.load(slot_ptr + n) + i
-    idx = tl.arange(0, C)
     kk = tl.arange(0, BK)
     vv = pid_v * BV + tl.arange(0, BV)
     kmask = valid[:, None] & (kk[None, :] < K)
@@ -559,6 +559,9 @@ COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 8, 4, 2, 4
 # keeping whole [16, K] key blocks in registers spilled: 5.3 ms at K = 256 with 2 warps).
 RESET_SYSTEM_BLOCKED, RESET_BLOCKED_WARPS = 1, 1
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
+# Software pipelining of the covariance sweep's tile loops (loads of the next [BP, BP] tile of P
+# issued during the current product). 1 = none, the setting validated on the GPU.
+COV_STAGES = 1
 # Widest V block of the output kernel for K > 128 with 16-bit operands (see _out_block). 64
 # took reset's output kernel from 1.36 to 0.88 ms at (8, 4096, 6, 256, 512) on an H100,
 # outputs and gradients bit-identical to 32.
@@ -703,8 +706,8 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         _bayes_cov_kernel[(plan.n_docs * H,)](
             k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, u_dots, linv, l_factor, w, packed,
             vpri if vpri is not None else w, H,
-            K=K, BK=BK, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
-            GIVEN_FACTORS=factors is not None, U_COPY=u_copy, num_warps=COV_WARPS, num_stages=1)
+            K=K, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
+            GIVEN_FACTORS=factors is not None, U_COPY=u_copy, num_warps=COV_WARPS, num_stages=COV_STAGES)
     else:
         if RESET_SYSTEM_BLOCKED and C > 16:
             _reset_system_blocked_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
