@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from interpreter import cases_of, check_case, print_case_results, run_interpreted  # noqa: E402
-from test_recompute import _doc_starts, plain_gated_rms_norm, plain_short_conv_silu  # noqa: E402
+from test_recompute import _doc_starts, plain_gated_rms_norm, plain_rope, plain_short_conv_silu, rope_frequencies  # noqa: E402,E501
 
 from titan_bayes.models.recompute import doc_positions  # noqa: E402
 
@@ -68,6 +68,16 @@ def _compare_gated_norm(shape, seed, eps=1e-6):
     return {"y": rel(y, y64), **{n: rel(a, b) for n, a, b in zip(("do", "dgate", "dw"), (do, dgate, dw), grads)}}
 
 
+def _compare_rope(shape, seed):
+    """kernels/layer.py's RoPE (fp32) and its inverse against the float64 formula."""
+    from titan_bayes.kernels.layer import rope
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    inv_freq = rope_frequencies(shape[-1])
+    return {"y": rel(rope(x.float(), inv_freq.float()), plain_rope(x, inv_freq)),
+            "inverse": rel(rope(x.float(), inv_freq.float(), inverse=True), plain_rope(x, -inv_freq))}
+
+
 def case_conv_rows():
     # T not a multiple of the kernel's token block, C not a multiple of its channel block.
     return _compare_conv(B=2, T=45, C=48, W=4, norm_dim=0, with_docs=False, seed=1), FP32_TOL
@@ -91,6 +101,11 @@ def case_gated_norm():
 
 def case_gated_norm_odd_width():
     return _compare_gated_norm((3, 7, 2, 24), seed=6), FP32_TOL
+
+
+def case_rope():
+    # Rows not a multiple of the kernel's row block; positions up to 36 (angles of many turns).
+    return _compare_rope((2, 37, 3, 16), seed=9), FP32_TOL
 
 
 CASES = cases_of(globals())
@@ -153,3 +168,23 @@ def test_gpu_gated_norm_bf16():
 
 if __name__ == "__main__":
     print_case_results(CASES)
+
+
+@pytest.mark.gpu
+def test_gpu_rope_bf16():
+    """The attention layer's RoPE Function on CUDA (the kernel both ways) at the 340M head width."""
+    from titan_bayes.models.recompute import rope
+
+    g = torch.Generator().manual_seed(10)
+    x, dy = (torch.randn(2, 1500, 16, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    x, dy = x.bfloat16(), dy.bfloat16()
+    inv_freq = rope_frequencies(64)
+    xs = x.cuda().requires_grad_()
+    y = rope(xs, inv_freq.float().cuda())
+    y.backward(dy.cuda())
+    ref_in = x.double().requires_grad_()
+    y64 = plain_rope(ref_in, inv_freq)
+    (dx64,) = torch.autograd.grad(y64, ref_in, dy.double())
+    assert y.dtype == torch.bfloat16 and xs.grad.dtype == torch.bfloat16
+    assert rel(y.cpu(), y64) <= BF16_OUT_TOL
+    assert rel(xs.grad.cpu(), dx64) <= BF16_GRAD_TOL

@@ -18,6 +18,7 @@ from titan_bayes.models.recompute import (
     doc_positions,
     gated_rms_norm,
     rms_norm,
+    rope,
     short_conv_silu,
     swiglu,
 )
@@ -66,6 +67,19 @@ def plain_swiglu(gate, up):
     return F.silu(gate) * up
 
 
+def plain_rope(x, inv_freq):
+    """The attention layer's rotate-half RoPE as the model wrote it before issue 4's Function."""
+    angles = torch.arange(x.shape[1], dtype=inv_freq.dtype)[:, None] * inv_freq
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None, :].to(x.dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_frequencies(D, theta=10000.0, dtype=torch.float64):
+    return 1.0 / (theta ** (torch.arange(0, D, 2, dtype=dtype) / D))
+
+
 def _doc_starts(B, T, seed=0):
     g = torch.Generator().manual_seed(seed)
     starts = torch.rand(B, T, generator=g) < 0.15
@@ -97,6 +111,10 @@ def _cases():
                           lambda x, w: plain_short_conv_silu(x, w, norm_dim=K), [x, conv_w]),
         "short_conv_docs_l2": (lambda x, w: short_conv_silu(x, w, doc_positions(starts), K),
                                lambda x, w: plain_short_conv_silu(x, w, starts, K), [x, conv_w]),
+        "rope": (lambda x: rope(x, rope_frequencies(8, theta=5.0)),
+                 lambda x: plain_rope(x, rope_frequencies(8, theta=5.0)),
+                 # its own generator: the other cases keep the inputs they were written with
+                 [torch.randn(B, T, H, 8, generator=torch.Generator().manual_seed(5), **f64)]),
         "swiglu": (swiglu, plain_swiglu, [2 * torch.randn(B, T, 9, **f64), torch.randn(B, T, 9, **f64)]),
     }
 

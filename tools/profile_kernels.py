@@ -132,13 +132,20 @@ def main():
                 print("fla-core is not installed")
                 continue
             errors = ""
-            if settings and mode != "fla":
-                reference = [t.detach().clone() for t in step()]
-                previous = apply_settings(settings)
-                errors = " ".join(f"{rel(a, b):.1e}" for a, b in zip(step(), reference))
-            times = kernel_times(step)
-            if settings and mode != "fla":
-                apply_settings(previous)
+            previous = None
+            try:
+                if settings and mode != "fla":
+                    reference = [t.detach().clone() for t in step()]
+                    previous = apply_settings(settings)
+                    errors = " ".join(f"{rel(a, b):.1e}" for a, b in zip(step(), reference))
+                times = kernel_times(step)
+            except Exception as err:  # e.g. a setting that needs more shared memory than the GPU has
+                print(f"({B},{T},{H},{K},{V}{f', {docs} docs' if docs else ''}) {mode}: FAILED "
+                      f"{type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+                continue
+            finally:
+                if previous is not None:
+                    apply_settings(previous)
             parts = " ".join(f"{name}={ms:.2f}" for name, ms in times.items() if ms >= 0.01)
             print(f"({B},{T},{H},{K},{V}{f', {docs} docs' if docs else ''}) {mode}: "
                   f"{sum(times.values()):.2f} ms | {parts}", flush=True)

@@ -26,7 +26,7 @@ from titan_bayes.ops import bayes_filter
 from titan_bayes.ops import filter_math as fm
 
 from .args import BayesModelArgs
-from .recompute import doc_positions, gated_rms_norm, rms_norm, short_conv_silu, swiglu
+from .recompute import doc_positions, gated_rms_norm, rms_norm, rope, short_conv_silu, swiglu
 
 
 def _local(p: torch.Tensor, replicated: bool = False) -> torch.Tensor:
@@ -263,11 +263,6 @@ class FilterMixer(nn.Module):
         }
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
 class Attention(nn.Module):
     """Causal softmax attention: RoPE (rotate-half), grouped-query heads, SDPA.
 
@@ -288,16 +283,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
         dtype = torch.promote_types(x.dtype, torch.float32)  # angles in fp32 (fp64 for tests)
         inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, hd, 2, device=x.device, dtype=dtype) / hd))
-        angles = torch.arange(T, device=x.device, dtype=dtype)[:, None] * inv_freq
-        cos = torch.cat([angles.cos(), angles.cos()], -1).to(q.dtype)
-        sin = torch.cat([angles.sin(), angles.sin()], -1).to(q.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        # RoPE on the projections' own [B, T, H, D] layout (contiguous), then heads first for SDPA.
+        q = rope(self.q_proj(x).view(B, T, -1, hd), inv_freq).transpose(1, 2)
+        k = rope(self.k_proj(x).view(B, T, -1, hd), inv_freq).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
         gqa = q.shape[1] != k.shape[1]
         if doc_starts is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

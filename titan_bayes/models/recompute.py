@@ -19,6 +19,7 @@ formulas); the PyTorch code below serves every other device and dtype and is the
                                            silu(causal depthwise conv), optionally
                                            L2-normalised per group of norm_dim channels
     swiglu(gate, up)                       silu(gate) · up
+    rope(x, inv_freq)                      rotate-half RoPE of x [B, T, H, D] at positions 0..T-1
 """
 
 from __future__ import annotations
@@ -272,3 +273,54 @@ class _SwiGLU(Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up, saving gate and up (the formula also kept silu(gate))."""
     return _SwiGLU.apply(gate, up)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+def _rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin: channel pair (i, i + D/2) turns by angles[..., i]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _rope_angles(T: int, inv_freq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, 1, D/2] angles t·inv_freq (broadcast over the heads of [B, T, H, D/2])."""
+    positions = torch.arange(T, device=inv_freq.device, dtype=dtype)
+    return (positions[:, None] * inv_freq.to(dtype))[:, None, :]
+
+
+def _rope_on_kernels(x: torch.Tensor) -> bool:
+    """The kernel takes head widths that are powers of two (every flavor's 64)."""
+    D = x.shape[-1]
+    return _on_kernels(x) and D >= 2 and D & (D - 1) == 0
+
+
+class _RoPE(Function):
+    # A rotation: its backward is the rotation by the opposite angles, so nothing but the
+    # frequencies is saved. As written with cat and products, autograd kept the rotated
+    # halves and ran eight elementwise passes per tensor; on CUDA this is one kernel each way.
+    @staticmethod
+    def forward(ctx, x, inv_freq):
+        ctx.save_for_backward(inv_freq)
+        if _rope_on_kernels(x):
+            from titan_bayes.kernels.layer import rope
+            return rope(x, inv_freq)
+        cd = _compute_dtype(x, inv_freq)
+        return _rotate_pairs(x.to(cd), _rope_angles(x.shape[1], inv_freq, cd)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (inv_freq,) = ctx.saved_tensors
+        if _rope_on_kernels(dy):
+            from titan_bayes.kernels.layer import rope
+            return rope(dy, inv_freq, inverse=True), None
+        cd = _compute_dtype(dy, inv_freq)
+        return _rotate_pairs(dy.to(cd), -_rope_angles(dy.shape[1], inv_freq, cd)).to(dy.dtype), None
+
+
+def rope(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [B, T, H, D] (token t at position t), in x's dtype: channel pair
+    (i, i + D/2) turns by t·inv_freq[i], computed in at least fp32 and rounded once."""
+    return _RoPE.apply(x, inv_freq)
