@@ -30,7 +30,7 @@ from titan_bayes.ops import filter_math as fm
 
 from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel
 from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
-from .chunk_fwd import _v_block, chunk_states, key_dots, bf16_dots
+from .chunk_fwd import _v_block, bf16_dots, chunk_states, key_dots, launch_staged
 
 
 def _dstate_launch(K, V, u_dots, q, wkeys):
@@ -62,8 +62,13 @@ COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk
 # 8 warps took reset's key kernel from 1.10 to 0.92 ms at (8, 4096, 8, 128, 128) and 1.29 to 1.23 at
 # (8, 4096, 6, 256, 512) on an H100 (the others were equal or slower with 8, all slower with 2).
 READOUT_WARPS, SQUARE_WARPS, LOCAL_WARPS, RESET_KEYS_WARPS = 4, 4, 4, 8
-KEYS_STAGES = 1     # software pipelining of the key kernels' tile loops (shared memory: [64, 64] fp32 tiles)
-DSTATE_STAGES = 1   # the same for the reverse state sweep's chunk loop (see chunk_fwd.MEAN_STAGES)
+# Software pipelining (chunk_fwd.launch_staged takes 1 stage where shared memory is short). On an
+# H100, against 1 stage, outputs and gradients equal to 4e-7: the key kernels' tile loops with 2,
+# bayes' input gradients 7.74 → 7.32 ms at (8, 4096, 6, 256, 512), 4.65 → 4.49 at (8, 4096, 8,
+# 128, 128) (own terms equal); the reverse state sweep's chunk loop with 2 for bayes, 2.57 → 1.45
+# and 0.65 → 0.52 ms, but not for reset (0.47 → 0.69 ms at K = 128; at K = 256 2 stages do not fit).
+KEYS_STAGES = 2
+DSTATE_STAGES = {"bayes": 2, "reset": 1}
 # The reverse sweep's two transposed products on bf16 tensor cores (chunk_fwd.bf16_dots), at
 # K > 128 only: on an H100 at (8, 4096, 6, 256, 512) 3.2–3.5 → 2.4 ms with V blocks of 64 and
 # 8 warps. At K = 128 its (32, 4) launch made an illegal memory access (Triton 3.6 on Hopper)
@@ -123,11 +128,12 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     dh_slots = torch.empty_like(mid.h_slots)
     dS0 = torch.empty(N, H, K, V, **f32)
     dR = torch.empty(n_tok, H, V, **f32)                      # dE, made dR in place by _square_kernel
-    _dstate_kernel[(triton.cdiv(V, BV), N * H)](
+    launch_staged(
+        _dstate_kernel, (triton.cdiv(V, BV), N * H),
         q, g, mid.u_dots, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dS0, dR, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k),
         UPDATE_16=update_16, num_warps=dstate_warps,
-        num_stages=DSTATE_STAGES)
+        num_stages=DSTATE_STAGES["bayes" if mid.p_slots is not None else "reset"])
     Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
     _square_kernel[grid_cc](mid.e, d_out, dR, mid.linv, plan.chunks, plan.cu, Gs, dL, scale, H, V=V, BV=BVL, C=C,
                             num_warps=SQUARE_WARPS)
@@ -167,9 +173,9 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     dvar = d_var.contiguous() if VAR else mid.w              # a placeholder pointer without variance
     grid_cc = (plan.n_chunks, H)
     G, Bf = torch.empty(n_tok, H, K, **f32), torch.empty(n_tok, H, K, **f32)
-    _bayes_own_kernel[grid_cc](q, k, g, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["EdS"], dvar,
-                               plan.chunks, plan.cu, G, Bf, scale, H, K=K, BKB=BKB, C=C, VAR=VAR, num_warps=OWN_WARPS[C],
-                               num_stages=KEYS_STAGES)
+    launch_staged(_bayes_own_kernel, grid_cc, q, k, g, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"],
+                  sums["EdS"], dvar, plan.chunks, plan.cu, G, Bf, scale, H, K=K, BKB=BKB, C=C, VAR=VAR,
+                  num_warps=OWN_WARPS[C], num_stages=KEYS_STAGES)
     # dP in state slots like P: slot slot0 + i + 1 ends as the adjoint of chunk i's end covariance.
     dp_slots = torch.empty_like(mid.p_slots)
     final = plan.slot0.long() + plan.per_doc
@@ -187,8 +193,8 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     dnoise = torch.empty_like(noise)
     Zs, F = G, Bf                                             # scratch, free again after the sweep
     kpart = torch.empty(n_tok, H, K, **f32)
-    _bayes_keys_kernel[grid_cc](
-        q, k, g, beta, noise, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],
+    launch_staged(
+        _bayes_keys_kernel, grid_cc, q, k, g, beta, noise, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],
         sums["dKt"], sums["dgc"], dvar, mid.p_slots, dp_slots, plan.chunks, plan.cu, plan.slot0,
         Zs, F, kpart, dq, dk, dg, dbeta, dnoise, scale, H,
         K=K, BKB=BKB, C=C, R_MIN=fm.R_MIN, VAR=VAR, num_warps=KEYS_WARPS[C], num_stages=KEYS_STAGES)

@@ -11,7 +11,7 @@ and the autograd Functions that call these on CUDA; tests compare the two.
     short_conv_forward   y = silu(z), z[t] = Σ_j w[:, W-1-j] · x[t-j]   (lags j < W that stay
                          in the token's document), then optionally y / sqrt(|y|² + eps) per
                          group of norm_dim channels (the L2 norm of q and k heads)
-    short_conv_backward  (dx, dw) of the above, recomputing z from x (one pass)
+    short_conv_backward  (dx, dw) of the above, recomputing z from x
     gated_norm_forward   y = o · rstd · w · silu(gate), rstd = (mean(o²) + eps)^(-1/2) per row
     gated_norm_backward  (do, dgate, dw) of the above
     rope                 rotate-half RoPE of attention's q and k, [B, T, H, D] rows: pair (i, i + D/2)
@@ -33,9 +33,6 @@ from titan_bayes.models.recompute import L2_EPS
 # Tokens per program of the convolution kernels. A program reads W shifted [BT, BC] tiles of
 # x; all but the first W-1 rows of each are cache hits.
 CONV_BT = 32
-# Warps of the backward for channel blocks over 128 (the L2-normalised 256-wide key heads): its
-# [BT, BC] fp32 tiles need the registers of 8 warps there.
-CONV_BWD_WARPS_WIDE = 8
 # Rows per program of the gated norm (each row is one head's V values).
 NORM_ROWS = 16
 # Rows (heads of tokens) per program of the RoPE kernel.
@@ -81,52 +78,52 @@ def _short_conv_fwd_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, T, C, eps, W: tl.conste
 
 
 @triton.jit
-def _conv_dz(x_ptr, w_ptr, pos_ptr, dy_ptr, b, t, c, T, C, eps, W: tl.constexpr, NORM: tl.constexpr,
-             HAS_POS: tl.constexpr):
-    """dz = dL/dz [BT, BC] fp32 at the convolution output (before the SiLU) of tokens t, zero past T."""
-    s, slope = _silu_and_slope(_conv_tile(x_ptr, w_ptr, pos_ptr, b, t, c, T, C, W, HAS_POS))
+def _short_conv_dz_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dz_ptr, T, C, eps, W: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, NORM: tl.constexpr, HAS_POS: tl.constexpr):
+    """dz = dL/dz at the convolution output (before SiLU), fp32."""
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    c = pid_c * BC + tl.arange(0, BC)
     mask = (t < T)[:, None] & (c < C)[None, :]
-    ds = tl.load(dy_ptr + (b * T + t)[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    offs = (b * T + t)[:, None] * C + c[None, :]
+    s, slope = _silu_and_slope(_conv_tile(x_ptr, w_ptr, pos_ptr, b, t, c, T, C, W, HAS_POS))
+    ds = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if NORM:
         # y = s·r, r = (|s|² + eps)^(-1/2) per group: ds = r (dy − y (y · dy)).
         r = tl.rsqrt(tl.sum(s * s, 1) + eps)[:, None]
         y = s * r
         ds = r * (ds - y * tl.sum(y * ds, 1)[:, None])
-    return ds * slope
+    tl.store(dz_ptr + offs, ds * slope, mask=mask)
 
 
 @triton.jit
-def _short_conv_bwd_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_part_ptr, T, C, eps, W: tl.constexpr,
-                           BT: tl.constexpr, BC: tl.constexpr, NORM: tl.constexpr, HAS_POS: tl.constexpr):
+def _short_conv_dx_kernel(x_ptr, w_ptr, pos_ptr, dz_ptr, dx_ptr, dw_part_ptr, T, C, W: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, HAS_POS: tl.constexpr):
     """dx[t] = Σ_j w[c, W-1-j] dz[t+j] (where lag j of token t+j was kept) and this program's
-    share of dw[c, W-1-j] = Σ_t dz[t] x[t-j] (where lag j of token t was kept).
-
-    dz at the W − 1 tokens past the block is recomputed here rather than read from an fp32 dz
-    written by another pass: on an H100 that round trip made the backward 0.7 ms per 340M
-    projection, 3.5× its forward. The recomputation is W shifted copies of the forward's
-    arithmetic on tiles that stay in cache."""
+    share of dw[c, W-1-j] = Σ_t dz[t] x[t-j] (where lag j of token t was kept)."""
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
     in_c = c < C
+    dx = tl.zeros((BT, BC), dtype=tl.float32)
+    part = dw_part_ptr + ((b * tl.num_programs(0) + pid_t) * C + c) * W
     if HAS_POS:
         pos = tl.load(pos_ptr + b * T + t, mask=t < T, other=0)
     else:
         pos = t
-    dz = _conv_dz(x_ptr, w_ptr, pos_ptr, dy_ptr, b, t, c, T, C, eps, W, NORM, HAS_POS)
-    dx = dz * tl.load(w_ptr + c * W + (W - 1), mask=in_c, other=0.0)[None, :]
-    for j in tl.static_range(1, W):
+    dz = tl.load(dz_ptr + (b * T + t)[:, None] * C + c[None, :], mask=(t < T)[:, None] & in_c[None, :],
+                 other=0.0)
+    for j in tl.static_range(W):
+        wj = tl.load(w_ptr + c * W + (W - 1 - j), mask=in_c, other=0.0)
         # Output token t + j used x[t] through lag j.
         tj = t + j
         if HAS_POS:
             pos_j = tl.load(pos_ptr + b * T + tj, mask=tj < T, other=0)
         else:
             pos_j = tj
-        dz_j = _conv_dz(x_ptr, w_ptr, pos_ptr, dy_ptr, b, tj, c, T, C, eps, W, NORM, HAS_POS)
-        wj = tl.load(w_ptr + c * W + (W - 1 - j), mask=in_c, other=0.0)
-        dx += tl.where(((tj < T) & (pos_j >= j))[:, None], dz_j, 0.0) * wj[None, :]
-    part = dw_part_ptr + ((b * tl.num_programs(0) + pid_t) * C + c) * W
-    for j in tl.static_range(W):
+        used = ((tj < T) & (pos_j >= j))[:, None] & in_c[None, :]
+        dz_j = tl.load(dz_ptr + (b * T + tj)[:, None] * C + c[None, :], mask=used, other=0.0)
+        dx += dz_j * wj[None, :]
         # Token t's lag j read x[t − j].
         kept = ((t < T) & (pos >= j))[:, None] & in_c[None, :]
         x_back = tl.load(x_ptr + (b * T + t - j)[:, None] * C + c[None, :], mask=kept, other=0.0)
@@ -172,11 +169,14 @@ def short_conv_backward(x, weight, doc_pos, norm_dim, dy):
     B, T, C = x.shape
     grid, BC = _conv_launch(x, norm_dim)
     pos, has_pos = _positions(x, doc_pos)
+    dz = torch.empty(B, T, C, dtype=torch.float32, device=x.device)
+    _short_conv_dz_kernel[grid](x, w, pos, dy, dz, T, C, L2_EPS, W=w.shape[1], BT=CONV_BT, BC=BC,
+                                NORM=bool(norm_dim), HAS_POS=has_pos, num_warps=4)
     dx = torch.empty_like(x)
     dw_part = torch.empty(B * grid[0], C, w.shape[1], dtype=torch.float32, device=x.device)
-    _short_conv_bwd_kernel[grid](x, w, pos, dy, dx, dw_part, T, C, L2_EPS, W=w.shape[1], BT=CONV_BT, BC=BC,
-                                 NORM=bool(norm_dim), HAS_POS=has_pos,
-                                 num_warps=CONV_BWD_WARPS_WIDE if BC > 128 else 4)
+    BCx = min(128, triton.next_power_of_2(C))
+    _short_conv_dx_kernel[(grid[0], triton.cdiv(C, BCx), B)](
+        x, w, pos, dz, dx, dw_part, T, C, W=w.shape[1], BT=CONV_BT, BC=BCx, HAS_POS=has_pos, num_warps=4)
     return dx, dw_part.sum(0).reshape(weight.shape)
 
 
