@@ -194,7 +194,8 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     Zs, F = G, Bf                                             # scratch, free again after the sweep
     kpart = torch.empty(n_tok, H, K, **f32)
     launch_staged(
-        _bayes_keys_kernel, grid_cc, q, k, g, beta, noise, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],
+        _bayes_keys_kernel, grid_cc,
+        q, k, g, beta, noise, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],
         sums["dKt"], sums["dgc"], dvar, mid.p_slots, dp_slots, plan.chunks, plan.cu, plan.slot0,
         Zs, F, kpart, dq, dk, dg, dbeta, dnoise, scale, H,
         K=K, BKB=BKB, C=C, R_MIN=fm.R_MIN, VAR=VAR, num_warps=KEYS_WARPS[C], num_stages=KEYS_STAGES)

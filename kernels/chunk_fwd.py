@@ -560,7 +560,8 @@ COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 8, 4, 2, 4
 RESET_SYSTEM_BLOCKED, RESET_BLOCKED_WARPS = 1, 1
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
 # Software pipelining of the covariance sweep's tile loops (loads of the next [BP, BP] tile of P
-# issued during the current product). 1 = none, the setting validated on the GPU.
+# issued during the current product). 2 was slower on an H100: 13.0 → 15.2 ms fwd + rerun at
+# (8, 4096, 6, 256, 512); the backward's sweep (backward.COV_SWEEP_STAGES) 9.3 → 13.5.
 COV_STAGES = 1
 # Widest V block of the output kernel for K > 128 with 16-bit operands (see _out_block). 64
 # took reset's output kernel from 1.36 to 0.88 ms at (8, 4096, 6, 256, 512) on an H100,
