@@ -645,13 +645,14 @@ def launch_staged(kernel, grid, *args, num_stages, **kwargs):
     the GPU's shared memory cannot hold them. Triton refuses such a launch before it runs
     (OutOfResources); on an H100 reset's reverse sweep at K = 256 asked 254 KB of 227 with 2.
     Which kernels and operand types need 1 is remembered, so the refusal happens once each."""
-    key = (kernel.__name__, tuple(sorted(kwargs.items())),
-           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-    if num_stages > 1 and key not in _STAGES_TOO_MANY:
-        try:
-            return kernel[grid](*args, num_stages=num_stages, **kwargs)
-        except triton.runtime.errors.OutOfResources:
-            _STAGES_TOO_MANY.add(key)
+    if num_stages > 1:
+        key = (kernel.__name__, tuple(sorted(kwargs.items())),
+               tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        if key not in _STAGES_TOO_MANY:
+            try:
+                return kernel[grid](*args, num_stages=num_stages, **kwargs)
+            except triton.runtime.errors.OutOfResources:
+                _STAGES_TOO_MANY.add(key)
     return kernel[grid](*args, num_stages=1, **kwargs)
 
 

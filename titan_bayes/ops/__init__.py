@@ -3,4 +3,4 @@
 from .api import BACKENDS, DEFAULT_CHUNK_SIZES, bayes_filter
 from .filter_math import MODES
 
-__all__ = ["bayes_filter", "BACKENDS", "MODES"]
+__all__ = ["bayes_filter", "BACKENDS", "DEFAULT_CHUNK_SIZES", "MODES"]
