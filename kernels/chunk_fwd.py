@@ -75,25 +75,51 @@ def _ldl_inverse(S, C: tl.constexpr):
     """Gaussian elimination of the symmetric positive definite S without pivoting.
 
     Step j subtracts m_i = S_ij / S_jj times row j from every row i > j; the trailing block
-    stays the (symmetric) Schur complement, so m is read off row j. The same row operations
-    applied to I give L⁻¹ (S = L D Lᵀ, L unit lower), and the pivots are D = the sequential
-    filter's innovation variances s_t. The multipliers m are column j of L itself, kept for
-    the backward (its key kernels need L and L⁻¹; recording L costs no reduction).
+    stays the (symmetric) Schur complement. The same row operations applied to I give L⁻¹
+    (S = L D Lᵀ, L unit lower), and the pivots are D = the sequential filter's innovation
+    variances s_t. The multipliers m are column j of L itself, kept for the backward (its key
+    kernels need L and L⁻¹; recording L costs no reduction).
+
+    The steps are serial and latency-bound (T of them per sequence, whatever the chunk size),
+    so each loop iteration takes two pivots from one read of S: rows j and j + 1, and row
+    j + 1 after step j formed from them. A [C, C] tile's rows are spread over warps, so a
+    column sum (one row of the tile) is the exchange between warps and a row sum (one column)
+    mostly stays inside a warp: m is taken from S's columns (equal to its rows, S is
+    symmetric) so that it comes out indexed by rows, and L⁻¹ is carried transposed, so that
+    its rows are columns of the carried tile. On an H100 (runs of one session) this took the
+    covariance kernel from 6.57 to 5.87 ms per fwd+bwd at (8, 4096, 8, 128, 128) and from 12.8
+    to 12.4 at (8, 4096, 6, 256, 512); the elimination alone had cost ~2.6 ms of either.
     """
     idx = tl.arange(0, C)
-    Linv = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
-    L = Linv
+    eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    LinvT, L = eye, eye
     D = tl.zeros([C], dtype=tl.float32)
-    for j in range(C):
-        row = tl.sum(tl.where(idx[:, None] == j, S, 0.0), 0)
-        pivot = tl.sum(tl.where(idx == j, row, 0.0), 0)
-        m = tl.where(idx > j, row / pivot, 0.0)
-        S = S - m[:, None] * row[None, :]
-        linv_row = tl.sum(tl.where(idx[:, None] == j, Linv, 0.0), 0)
-        Linv = Linv - m[:, None] * linv_row[None, :]
-        L = tl.where(idx[None, :] == j, L + m[:, None], L)
-        D = tl.where(idx == j, pivot, D)
-    return Linv, D, L
+    for half in range(C // 2):
+        j = 2 * half
+        row0 = tl.sum(tl.where(idx[:, None] == j, S, 0.0), 0)
+        row1 = tl.sum(tl.where(idx[:, None] == j + 1, S, 0.0), 0)
+        col0 = tl.sum(tl.where(idx[None, :] == j, S, 0.0), 1)
+        col1 = tl.sum(tl.where(idx[None, :] == j + 1, S, 0.0), 1)
+        linv_row0 = tl.sum(tl.where(idx[None, :] == j, LinvT, 0.0), 1)
+        linv_row1 = tl.sum(tl.where(idx[None, :] == j + 1, LinvT, 0.0), 1)
+        a = tl.sum(tl.where(idx == j, row0, 0.0), 0)
+        b = tl.sum(tl.where(idx == j + 1, row0, 0.0), 0)
+        d = tl.sum(tl.where(idx == j + 1, row1, 0.0), 0)
+        # Step j (pivot a); its multiplier for row j + 1 is b / a.
+        m0 = tl.where(idx > j, col0 / a, 0.0)
+        m0_by_cols = tl.where(idx > j, row0 / a, 0.0)
+        # Row, column and pivot j + 1 after step j, then step j + 1.
+        row1 = row1 - (b / a) * row0
+        col1 = col1 - m0 * b
+        linv_row1 = linv_row1 - (b / a) * linv_row0
+        pivot1 = d - b * b / a
+        m1 = tl.where(idx > j + 1, col1 / pivot1, 0.0)
+        m1_by_cols = tl.where(idx > j + 1, row1 / pivot1, 0.0)
+        S = S - m0[:, None] * row0[None, :] - m1[:, None] * row1[None, :]
+        LinvT = LinvT - linv_row0[:, None] * m0_by_cols[None, :] - linv_row1[:, None] * m1_by_cols[None, :]
+        L = tl.where(idx[None, :] == j, L + m0[:, None], tl.where(idx[None, :] == j + 1, L + m1[:, None], L))
+        D = tl.where(idx == j, a, tl.where(idx == j + 1, pivot1, D))
+    return tl.trans(LinvT), D, L
 
 
 @triton.jit
