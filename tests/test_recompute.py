@@ -136,10 +136,18 @@ def test_float64_value_and_gradient_match_the_formula(name):
     assert torch.autograd.gradcheck(fn, [t.clone().requires_grad_() for t in inputs])
 
 
+# bf16 roundings between the Function's fp64-exact value and its bf16 output: one (at the end)
+# for all but swiglu, which stays in the inputs' dtype (recompute._SwiGLU: silu rounds, then the
+# product). One rounding is off by at most u = 2⁻⁸ relative (8 significant bits), r of them by
+# (1 + u)^r − 1. With one rounding's bound, swiglu failed on another random draw (0.0215 > 0.0206).
+BF16_ROUNDINGS = {"swiglu": 2}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bfloat16_matches_the_formula_to_rounding(name):
-    """bf16 inputs (as in training): the same dtype out, values within a few bf16 roundings of
-    the formula (which rounds after every op; the Function once, at the end)."""
+    """bf16 inputs (as in training): the same dtype out, values within the Function's bf16
+    roundings of the exact value, and within a few roundings of the formula (which rounds
+    after every op)."""
     fn, plain, inputs = CASES[name]
     ours_in = [t.bfloat16().requires_grad_() for t in inputs]
     ref_in = [t.bfloat16().requires_grad_() for t in inputs]
@@ -147,7 +155,7 @@ def test_bfloat16_matches_the_formula_to_rounding(name):
     assert ours.dtype == ref.dtype == torch.bfloat16
     exact = fn(*[t.bfloat16().double() for t in inputs])  # the same inputs, computed in fp64
     scale = exact.abs().max()
-    assert (ours.double() - exact).abs().max() <= 2 ** -8 * scale
+    assert (ours.double() - exact).abs().max() <= ((1 + 2 ** -8) ** BF16_ROUNDINGS.get(name, 1) - 1) * scale
     assert (ours.double() - ref.double()).abs().max() <= 2 ** -6 * scale
     d_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
     for a, b in zip(torch.autograd.grad(ours, ours_in, d_out), torch.autograd.grad(ref, ref_in, d_out)):
