@@ -2,13 +2,14 @@
 
 1. The forward's first two passes rerun (chunk_fwd.chunk_states) and give the chunk-boundary
    states, the write directions U, gains w, L⁻¹ (and bayes' L), the whitened keys L⁻¹ K̃ and
-   the innovations E. The forward saves its inputs and, for bayes, each chunk's factors
-   (L⁻¹, L, w packed in one C × C block), so the rerun skips the serial LDLᵀ.
+   the innovations E. The forward saves its inputs and each chunk's factors (bayes: L⁻¹, L,
+   w packed in one C × C block; reset: L⁻¹), so the rerun skips the serial LDLᵀ (bayes) or
+   the system's inverse (reset).
 2. chunk_bwd.py: the adjoint of the mean runs backwards over the chunks (`_dstate_kernel`),
    then chunk-parallel kernels form every sum over V: dV and the adjoints of the chunk's
    key-side products (A diag(w), L, diag(Λ_C· w) U, diag(Γ) Q, K̃, Γ_C; see that module).
-3. Those products are functions of (q, k, g, beta) alone for reset: `_reset_keys_kernel`
-   differentiates them by hand. For bayes they also depend on the process noise and the
+3. Those products are functions of (q, k, g, beta) alone for reset: `_reset_local_keys_kernel`
+   differentiates them by hand as it forms them. For bayes they also depend on the process noise and the
    chunk's start covariance P_i: bayes_keys.py recomputes each chunk's factorisation adjoint
    by hand (the derivation is in that module) from the rerun's L⁻¹, L, w, U and P_i.
 4. bayes also carries the covariance adjoint across chunks. With Kalman-optimal gains the
@@ -29,7 +30,7 @@ import triton
 from titan_bayes.ops import filter_math as fm
 
 from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel
-from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_keys_kernel, _square_kernel
+from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_local_keys_kernel, _square_kernel
 from .chunk_fwd import _v_block, bf16_dots, chunk_states, key_dots, launch_staged
 
 
@@ -59,9 +60,8 @@ KEYS_WARPS = {16: 8, 32: 4, 64: 8}
 COV_SWEEP_WARPS = 4
 COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk_fwd.COV_STAGES)
 # The chunk-parallel value and reset kernels (chunk_bwd.py).
-# 8 warps took reset's key kernel from 1.10 to 0.92 ms at (8, 4096, 8, 128, 128) and 1.29 to 1.23 at
-# (8, 4096, 6, 256, 512) on an H100 (the others were equal or slower with 8, all slower with 2).
-READOUT_WARPS, SQUARE_WARPS, LOCAL_WARPS, RESET_KEYS_WARPS = 4, 4, 4, 8
+READOUT_WARPS, SQUARE_WARPS, LOCAL_WARPS = 4, 4, 4
+RESET_SQUARE_WARPS, RESET_KEYS_WARPS = 8, 8
 # Software pipelining (chunk_fwd.launch_staged takes 1 stage where shared memory is short). On an
 # H100, against 1 stage, outputs and gradients equal to 4e-7: the key kernels' tile loops with 2,
 # bayes' input gradients 7.74 → 7.32 ms at (8, 4096, 6, 256, 512), 4.65 → 4.49 at (8, 4096, 8,
@@ -87,31 +87,34 @@ def _key_block(K):
 def chunk_backward(mode, inputs, S0, P0, plan, cu_seqlens, grads, scale, output_variance, chunk_size,
                    factors=None):
     """inputs: (q, k, v, g, beta, noise) as given to the forward, [B, T, H, ...] contiguous;
-    grads: (dO, dvar or None, dS_final or None, dP_final or None); factors: bayes' packed
-    factors from the forward (chunk_forward returns them).
+    grads: (dO, dvar or None, dS_final or None, dP_final or None); factors: the
+    forward's chunk factors (chunk_forward returns them: bayes' packed LDLᵀ factors, reset's L⁻¹).
     Returns (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0) in the inputs' layouts (dP0 None for reset)."""
     q, k, v, g, beta, noise = inputs
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
     d_out, d_var, dS_final, dP_final = grads
+    d_out = d_out.contiguous()
     mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, False, C, factors=factors)
-    sums = _value_sums(q, k, g, d_out.contiguous(), mid, plan, dS_final, scale, C)
-    dv = sums["dR"].view(B, T, H, V).to(v.dtype)
+    sums = _value_sums(q, k, v, g, beta, d_out, mid, plan, dS_final, scale, C, reset=mode == "reset")
+    dv = sums["dR"].view(B, T, H, V)
     dS0 = sums["dS0"]
     if mode == "reset":
-        dq, dk, dg, dbeta = _reset_keys(q, k, g, beta, sums, plan, C)
+        dq, dk, dg, dbeta = _reset_keys(q, k, g, beta, d_out, mid, sums, plan, scale, C)
         return dq, dk, dv, dg, dbeta, torch.zeros_like(noise), dS0, None
+    sums.update(_local_sums(k, d_out, mid, sums, plan, scale, C))
     d_var = d_var if output_variance else None
     dq, dk, dg, dbeta, dnoise, dP0 = _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C)
     return dq, dk, dv, dg, dbeta, dnoise, dS0, dP0
 
 
-def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
-    """Run the value kernels of chunk_bwd.py. Returns token-major fp32 adjoints (see that
-    module): Gs, dL [B·T, H, C], dQS, EdS, dKt [B·T, H, K], dR [B·T, H, V] (= dV), dgc
-    [n_chunks, H] (of Γ_C), dS0 [N, H, K, V] (of the initial states) and dh_slots (the
-    adjoints of every chunk's end state, in the h slots' dtype)."""
+def _value_sums(q, k, v, g, beta, d_out, mid, plan, dS_final, scale, C, reset):
+    """Run the value kernels of chunk_bwd.py. Returns the adjoints (see that module): dR
+    [B·T, H, V] in v's dtype (it is dV), dS0 [N, H, K, V] fp32 (of the initial states),
+    dh_slots (the adjoints of every chunk's end state, in the h slots' dtype), and Gs, dL
+    [B·T, H, C] fp32; reset (`_reset_cc_adjoints`): X, Y + Yᵀ in place of Gs, dL, and the dg and
+    dbeta parts [n_kb + 1, B·T, H] fp32 with the chunks' own in the last row."""
     B, T, H, K = q.shape
     V = d_out.shape[-1]
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -119,7 +122,6 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
     BK = max(16, triton.next_power_of_2(K))
     BKB = _key_block(K)
     BV, dstate_warps, update_16 = _dstate_launch(K, V, mid.u_dots, q, mid.wkeys)
-    BVL = _v_block(V, 64)
     grid_cc = (plan.n_chunks, H)
     dS_final = torch.zeros(N, H, K, V, **f32) if dS_final is None else dS_final.float().contiguous()
     ma = torch.empty(n_tok, H, C, **f32)
@@ -127,36 +129,57 @@ def _value_sums(q, k, g, d_out, mid, plan, dS_final, scale, C):
                                  K=K, BKB=BKB, C=C, num_warps=READOUT_WARPS)
     dh_slots = torch.empty_like(mid.h_slots)
     dS0 = torch.empty(N, H, K, V, **f32)
-    dR = torch.empty(n_tok, H, V, **f32)                      # dE, made dR in place by _square_kernel
+    dE = torch.empty(n_tok, H, V, **f32)
     launch_staged(
         _dstate_kernel, (triton.cdiv(V, BV), N * H),
-        q, g, mid.u_dots, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dS0, dR, scale, H,
+        q, g, mid.u_dots, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dS0, dE, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k),
         UPDATE_16=update_16, num_warps=dstate_warps,
         num_stages=DSTATE_STAGES["bayes" if mid.p_slots is not None else "reset"])
+    dR = torch.empty(n_tok, H, V, dtype=v.dtype, device=q.device)
     Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
-    _square_kernel[grid_cc](mid.e, d_out, dR, mid.linv, plan.chunks, plan.cu, Gs, dL, scale, H, V=V, BV=BVL, C=C,
-                            num_warps=SQUARE_WARPS)
+    n_kb = triton.cdiv(K, BKB)
+    parts = [torch.empty(n_kb + 1, B, T, H, **f32) for _ in range(2)] if reset else [dE, dE]
+    _square_kernel[grid_cc](mid.e, d_out, dE, mid.linv, plan.chunks, plan.cu, dR, Gs, dL, scale, H,
+                            q, k, g, beta, *parts, n_kb * n_tok * H, K=K, V=V, BKB=BKB, BV=_v_block(V, 64),
+                            C=C, RESET=reset, num_warps=RESET_SQUARE_WARPS if reset else SQUARE_WARPS)
+    sums = dict(Gs=Gs, dL=dL, dR=dR, dh_slots=dh_slots, dS0=dS0)
+    if reset:
+        sums["dg_part"], sums["dbeta_part"] = parts
+    return sums
+
+
+def _local_sums(k, d_out, mid, sums, plan, scale, C):
+    """bayes' C × K local terms (chunk_bwd._local_kernel): dQS, EdS, dKt [B·T, H, K] fp32 and
+    dgc [n_chunks, H] (of Γ_C)."""
+    n_tok, H, K = k.shape[0] * k.shape[1], k.shape[2], k.shape[3]
+    V = d_out.shape[-1]
+    f32 = dict(dtype=torch.float32, device=k.device)
+    BKB = _key_block(K)
     n_kb = triton.cdiv(K, BKB)
     dQS, EdS, dKt = (torch.empty(n_tok, H, K, **f32) for _ in range(3))
     dgc_blocks = torch.empty(n_kb, plan.n_chunks, H, **f32)
     _local_kernel[(n_kb, plan.n_chunks, H)](
-        mid.e, d_out, dR, mid.h_slots, dh_slots, plan.chunks, plan.cu, plan.slot0,
-        dQS, EdS, dKt, dgc_blocks, scale, H, plan.n_chunks, K=K, V=V, BKB=BKB, BV=BVL, C=C,
+        mid.e, d_out, sums["dR"], mid.h_slots, sums["dh_slots"], plan.chunks, plan.cu, plan.slot0,
+        dQS, EdS, dKt, dgc_blocks, scale, H, plan.n_chunks, K=K, V=V, BKB=BKB, BV=_v_block(V, 64), C=C,
         SLOT_DOTS=bf16_dots(LOCAL_SLOT_DOTS, mid.h_slots, k), num_warps=LOCAL_WARPS)
-    return dict(Gs=Gs, dL=dL, dQS=dQS, EdS=EdS, dKt=dKt, dR=dR, dgc=dgc_blocks.sum(0), dh_slots=dh_slots,
-                dS0=dS0)
+    return dict(dQS=dQS, EdS=EdS, dKt=dKt, dgc=dgc_blocks.sum(0))
 
 
-def _reset_keys(q, k, g, beta, sums, plan, C):
-    """dq, dk, dg, dbeta of reset: one chunk-parallel kernel (chunk_bwd._reset_keys_kernel)."""
-    H, K = q.shape[2], q.shape[3]
-    dq, dk, dg, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g), torch.empty_like(beta)
+def _reset_keys(q, k, g, beta, d_out, mid, sums, plan, scale, C):
+    """dq, dk, dg, dbeta of reset: one kernel per K block of every chunk
+    (chunk_bwd._reset_local_keys_kernel), then the sums of the dg and dbeta parts."""
+    n_tok, H, K = q.shape[0] * q.shape[1], q.shape[2], q.shape[3]
+    V = d_out.shape[-1]
     BKB = _key_block(K)
-    _reset_keys_kernel[(plan.n_chunks, H)](
-        q, k, g, beta, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"], sums["dKt"], sums["dgc"],
-        plan.chunks, plan.cu, dq, dk, dg, dbeta, H, K=K, BKB=BKB, C=C, num_warps=RESET_KEYS_WARPS)
-    return dq, dk, dg, dbeta
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dg_part, dbeta_part = sums["dg_part"], sums["dbeta_part"]
+    _reset_local_keys_kernel[(triton.cdiv(K, BKB), plan.n_chunks, H)](
+        q, k, g, beta, mid.e, d_out, sums["dR"], mid.h_slots, sums["dh_slots"], sums["Gs"], sums["dL"],
+        plan.chunks, plan.cu, plan.slot0, dq, dk, dg_part, dbeta_part, scale, H, n_tok,
+        K=K, V=V, BKB=BKB, BV=_v_block(V, 64), C=C, SLOT_DOTS=bf16_dots(LOCAL_SLOT_DOTS, mid.h_slots, k),
+        num_warps=RESET_KEYS_WARPS)
+    return dq, dk, dg_part.sum(0).to(g.dtype), dbeta_part.sum(0).to(beta.dtype)
 
 
 def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):

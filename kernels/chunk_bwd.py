@@ -15,13 +15,14 @@ the chunks like the forward h-loop (`_dstate_kernel`, one program per (document,
 V block)) with three products per chunk, the C × C map Ma = scale · diag(w) Aᵀ formed once
 per chunk (`_readout_map_kernel`), and dR = L⁻ᵀ dE after it, parallel over chunks
 (`_square_kernel`). Everything else is local to a chunk and needs a sum over V, which
-`_square_kernel` (C × C results) and `_local_kernel` (C × K results, per K block) form: the
+`_square_kernel` (C × C results) and `_local_terms` (C × K results, per K block) form: the
 adjoints of the chunk's key-side products
     A diag(w) ← Gs = scale · dO Eᵀ,    L ← dL = −dR Eᵀ (strictly lower: E = L⁻¹ R),
     diag(Λ_C· w) U ← E dS_Cᵀ,   diag(Γ) Q ← scale · dO S0ᵀ,   K̃ ← −dR S0ᵀ,   Γ_C ← ⟨S0, dS_C⟩.
-For reset `_reset_keys_kernel` turns these into dq, dk, dg, dbeta (the formulas are in it);
-for bayes the kernels of bayes_keys.py do (through the chunk's LDLᵀ factorisation and its
-covariance).
+For reset `_reset_local_keys_kernel` turns these into dq, dk, dg, dbeta as it forms them,
+K block by K block (the formulas are in it; the C × K terms never reach memory); for bayes
+`_local_kernel` stores them and the kernels of bayes_keys.py differentiate through the chunk's
+LDLᵀ factorisation and its covariance.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, 
         gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
         Ma = tl.load(ma_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
+        # The update accumulates both products into dS itself (tl.dot's acc argument, the
+        # second with −dE): a difference of two products would hold a second [K, BV] fp32
+        # result in registers beside dS.
         # U·dS takes U as stored (bf16 in training: reset's keys, bayes' copy) and dS rounded
         # to it: bf16 tensor-core products, as the forward rounds S in W·S (_mean_kernel). On
         # an H100 at K = 256: 5.9 → 3.6 ms for this kernel, 6e-4 relative change in dR. The transposed
@@ -106,27 +110,22 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, 
             qt = tl.load(q_ptr + tok[None, :] * K + kk[:, None], mask=kmask_t, other=0.0)
             Wt = tl.load(wk_ptr + tok[None, :] * K + kk[:, None], mask=kmask_t, other=0.0)
             qt = (qt * (scale * gamma)[None, :]).to(Wt.dtype)
-            dS = gamma_C * dS + tl.dot(qt, dO.to(Wt.dtype)) - tl.dot(Wt, dE.to(Wt.dtype))
+            dS = tl.dot(qt, dO.to(Wt.dtype), gamma_C * dS)
+            dS = tl.dot(Wt, (-dE).to(Wt.dtype), dS)
         else:
             qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
             Wk = tl.load(wk_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
-            dS = gamma_C * dS + scale * tl.dot(tl.trans(qc * gamma[:, None]), dO) - tl.dot(tl.trans(Wk), dE)
+            dS = tl.dot(tl.trans(qc * (scale * gamma)[:, None]), dO, gamma_C * dS)
+            dS = tl.dot(tl.trans(Wk), -dE, dS)
     tl.store(ds0_ptr + pid.to(tl.int64) * K * V + state_off, dS, mask=state_mask)
 
 
 @triton.jit
-def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_ptr,
-                  dqs_ptr, eds_ptr, dkt_ptr, dgc_ptr, scale, H, n_chunks,
-                  K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                  SLOT_DOTS: tl.constexpr):
-    """The C × K local terms for one K block of a chunk: scale·dO S0ᵀ, E dS_Cᵀ, −dR S0ᵀ, and
-    this block's part of ⟨S0, dS_C⟩."""
-    pid_k, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
-    slot = tl.load(slot_ptr + n) + i
-    kk = pid_k * BKB + tl.arange(0, BKB)
-    start = h_ptr + (slot * H + h).to(tl.int64) * K * V
-    end_adjoint = dh_ptr + ((slot + 1) * H + h).to(tl.int64) * K * V
+def _local_terms(e_ptr, do_ptr, dr_ptr, start, end_adjoint, tok, valid, kk, K: tl.constexpr, V: tl.constexpr,
+                 BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SLOT_DOTS: tl.constexpr):
+    """The sums over V of one K block of a chunk (kk its columns; start, end_adjoint: the
+    chunk's start state and end-state adjoint slots): dO S0ᵀ, E dS_Cᵀ, −dR S0ᵀ and the
+    block's per-column part of ⟨S0, dS_C⟩."""
     dQS = tl.zeros([C, BKB], dtype=tl.float32)
     EdS = tl.zeros([C, BKB], dtype=tl.float32)
     dKt = tl.zeros([C, BKB], dtype=tl.float32)
@@ -153,11 +152,34 @@ def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_
             # miscompiles on Hopper, see _dstate_kernel).
             S0 = tl.load(start + kk[:, None] * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
             dSC = tl.load(end_adjoint + kk[:, None] * V + vv[None, :], mask=smask, other=0.0).to(tl.float32)
-            dO = dO.to(tl.float32)
-            dQS += tl.dot(dO, tl.trans(S0))
+            dQS += tl.dot(dO.to(tl.float32), tl.trans(S0))
             EdS += tl.dot(E, tl.trans(dSC))
-            dKt -= tl.dot(dR, tl.trans(S0))
+            dKt -= tl.dot(dR.to(tl.float32), tl.trans(S0))
             dgc += tl.sum(S0 * dSC, 1)
+    return dQS, EdS, dKt, dgc
+
+
+@triton.jit
+def _slots_of_chunk(h_ptr, dh_ptr, slot_ptr, n, i, h, H, K: tl.constexpr, V: tl.constexpr):
+    """The chunk's start state slot and its end state's adjoint slot."""
+    slot = tl.load(slot_ptr + n) + i
+    return (h_ptr + (slot * H + h).to(tl.int64) * K * V,
+            dh_ptr + ((slot + 1) * H + h).to(tl.int64) * K * V)
+
+
+@triton.jit
+def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_ptr,
+                  dqs_ptr, eds_ptr, dkt_ptr, dgc_ptr, scale, H, n_chunks,
+                  K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                  SLOT_DOTS: tl.constexpr):
+    """bayes: the C × K local terms for one K block of a chunk, stored for bayes_keys.py:
+    scale·dO S0ᵀ, E dS_Cᵀ, −dR S0ᵀ, and this block's part of ⟨S0, dS_C⟩."""
+    pid_k, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
+    start, end_adjoint = _slots_of_chunk(h_ptr, dh_ptr, slot_ptr, n, i, h, H, K, V)
+    kk = pid_k * BKB + tl.arange(0, BKB)
+    dQS, EdS, dKt, dgc = _local_terms(e_ptr, do_ptr, dr_ptr, start, end_adjoint, tok, valid, kk,
+                                      K, V, BKB, BV, C, SLOT_DOTS)
     kmask = valid[:, None] & (kk[None, :] < K)
     out = tok[:, None] * K + kk[None, :]
     tl.store(dqs_ptr + out, scale * dQS, mask=kmask)
@@ -167,10 +189,14 @@ def _local_kernel(e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, chunk_ptr, cu_ptr, slot_
 
 
 @triton.jit
-def _square_kernel(e_ptr, do_ptr, dr_ptr, linv_ptr, chunk_ptr, cu_ptr, gs_ptr, dl_ptr, scale, H,
-                   V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
-    """dR = L⁻ᵀ dE in place (dr holds dE on entry), and the C × C local terms of a chunk:
-    Gs = scale·dO Eᵀ (lower with the diagonal) and dL = −dR Eᵀ (strictly lower)."""
+def _square_kernel(e_ptr, do_ptr, de_ptr, linv_ptr, chunk_ptr, cu_ptr, dr_ptr, gs_ptr, dl_ptr, scale, H,
+                   q_ptr, k_ptr, g_ptr, beta_ptr, dg_part_ptr, dbeta_part_ptr, part0,
+                   K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                   RESET: tl.constexpr):
+    """dR = L⁻ᵀ dE (stored in dr's dtype: it is dV), and the C × C local terms of a chunk:
+    Gs = scale·dO Eᵀ (lower with the diagonal) and dL = −dR Eᵀ (strictly lower), stored in gs and
+    dl. RESET: these go on into reset's C × C adjoints (_reset_cc_adjoints), stored instead:
+    X in gs, Y + Yᵀ in dl, and the chunk's dg and dbeta parts from them at part row part0."""
     c, h = tl.program_id(0), tl.program_id(1)
     n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
     idx = tl.arange(0, C)
@@ -182,77 +208,105 @@ def _square_kernel(e_ptr, do_ptr, dr_ptr, linv_ptr, chunk_ptr, cu_ptr, gs_ptr, d
         vmask = valid[:, None] & (vv[None, :] < V)
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
         E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
-        dE = tl.load(dr_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
+        dE = tl.load(de_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         dR = tl.dot(tl.trans(Linv), dE)
-        tl.store(dr_ptr + tok[:, None] * V + vv[None, :], dR, mask=vmask)
+        tl.store(dr_ptr + tok[:, None] * V + vv[None, :], dR.to(dr_ptr.dtype.element_ty), mask=vmask)
         G += tl.dot(dO, tl.trans(E))
         dL -= tl.dot(dR, tl.trans(E))
+    Gs = tl.where(idx[:, None] >= idx[None, :], scale * G, 0.0)
+    dL = tl.where(idx[:, None] > idx[None, :], dL, 0.0)
     out = tok[:, None] * C + idx[None, :]
-    tl.store(gs_ptr + out, tl.where(idx[:, None] >= idx[None, :], scale * G, 0.0), mask=valid[:, None])
-    tl.store(dl_ptr + out, tl.where(idx[:, None] > idx[None, :], dL, 0.0), mask=valid[:, None])
+    if RESET:
+        X, XY, dg, dbeta = _reset_cc_adjoints(q_ptr, k_ptr, g_ptr, beta_ptr, Gs, dL, rows, valid, tok, h, H,
+                                              K, BKB, C)
+        tl.store(gs_ptr + out, X, mask=valid[:, None])
+        tl.store(dl_ptr + out, XY, mask=valid[:, None])
+        tl.store(dg_part_ptr + part0 + tok, dg, mask=valid)
+        tl.store(dbeta_part_ptr + part0 + tok, dbeta, mask=valid)
+    else:
+        tl.store(gs_ptr + out, Gs, mask=valid[:, None])
+        tl.store(dl_ptr + out, dL, mask=valid[:, None])
 
 
 @triton.jit
-def _reset_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, gs_ptr, dl_ptr, dqs_ptr, eds_ptr, dkt_ptr, dgc_ptr,
-                       chunk_ptr, cu_ptr, dq_ptr, dk_ptr, dg_ptr, dbeta_ptr, H,
-                       K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr):
-    """dq, dk, dg, dbeta of reset from the key-side adjoints of one chunk (U = K, w = beta):
-        A_ts = (q_t·k_s) Λ_ts,  L_ts = (k_t·k_s) Λ_ts beta_s (s < t),  Λ_ts = exp(lgΓ_t − lgΓ_s).
-    A first pass over K blocks forms Q Kᵀ, K Kᵀ and the row dots; the C × C algebra gives the
-    adjoints X of Q Kᵀ and Y of K Kᵀ, of Λ (→ log Γ → g by a reverse cumsum) and of beta; a
-    second pass forms dq = X K + Γ dQ_S and dk = Xᵀ Q + (Y + Yᵀ) K + Γ dK̃ + Λ_C· beta E dS_Cᵀ."""
-    c, h = tl.program_id(0), tl.program_id(1)
-    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
+def _reverse_cumsum(x):
+    """y_t = Σ_{t' ≥ t} x_t' (g_t enters every log decay lgΓ_t' with t' ≥ t)."""
+    return tl.sum(x, 0) - tl.cumsum(x, 0) + x
+
+
+@triton.jit
+def _reset_cc_adjoints(q_ptr, k_ptr, g_ptr, beta_ptr, Gs, dL, rows, valid, tok, h, H, K: tl.constexpr,
+                       BKB: tl.constexpr, C: tl.constexpr):
+    """reset's C × C algebra of one chunk (U = K, w = beta):
+        A_ts = (q_t·k_s) Λ_ts,  L_ts = (k_t·k_s) Λ_ts beta_s (s < t),  Λ_ts = exp(lgΓ_t − lgΓ_s),
+    given the adjoints Gs of A diag(beta) and dL of L. Returns the adjoints of Q Kᵀ and K Kᵀ,
+    X = Gs ∘ Λ ∘ beta_s and Y + Yᵀ with Y = strict(dL ∘ Λ ∘ beta_s) (as one symmetric matrix: K Kᵀ
+    is), and the parts of dg and dbeta that flow through Λ and beta here. The parts through the
+    local terms (Γ dQ_S, Γ dK̃, Λ_C· beta E dS_Cᵀ, Γ_C) come per K block in
+    _reset_local_keys_kernel."""
     idx = tl.arange(0, C)
     QK = tl.zeros([C, C], dtype=tl.float32)
     KK = tl.zeros([C, C], dtype=tl.float32)
-    gamma_adj = tl.zeros([C], dtype=tl.float32)       # adjoint of Γ_t: q_t·dQ_S,t + k_t·dK̃_t
-    k_eds = tl.zeros([C], dtype=tl.float32)
     for kb in range(0, K, BKB):
         cols = kb + tl.arange(0, BKB)
         kmask = valid[:, None] & (cols[None, :] < K)
-        off = tok[:, None] * K + cols[None, :]
-        qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
-        kc = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+        qc = tl.load(q_ptr + tok[:, None] * K + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
+        kc = tl.load(k_ptr + tok[:, None] * K + cols[None, :], mask=kmask, other=0.0).to(tl.float32)
         QK += tl.dot(qc, tl.trans(kc))
         KK += tl.dot(kc, tl.trans(kc))
-        gamma_adj += tl.sum(qc * tl.load(dqs_ptr + off, mask=kmask, other=0.0), 1)
-        gamma_adj += tl.sum(kc * tl.load(dkt_ptr + off, mask=kmask, other=0.0), 1)
-        k_eds += tl.sum(kc * tl.load(eds_ptr + off, mask=kmask, other=0.0), 1)
-    lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
-    gamma = tl.exp(lg)
-    last = _last_row(decay, C)
+    _, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-    cc = tok[:, None] * C + idx[None, :]
-    Gs = tl.load(gs_ptr + cc, mask=valid[:, None], other=0.0)
-    dL = tl.load(dl_ptr + cc, mask=valid[:, None], other=0.0)
     strict = idx[:, None] > idx[None, :]
-    # A diag(beta) with adjoint Gs; L = I + strict(K Kᵀ ∘ Λ ∘ beta_s) with adjoint dL.
     X = Gs * decay * beta[None, :]
     Y = tl.where(strict, dL * decay * beta[None, :], 0.0)
     decay_adj = Gs * QK * beta[None, :] + tl.where(strict, dL * KK * beta[None, :], 0.0)
-    beta_adj = tl.sum(Gs * QK * decay, 0) + tl.sum(tl.where(strict, dL * KK * decay, 0.0), 0)
-    # diag(Λ_C· beta) K with adjoint E dS_Cᵀ: Λ_C· is row C − 1 of Λ.
-    beta_adj += last * k_eds
-    decay_adj += tl.where(idx[:, None] == C - 1, (beta * k_eds)[None, :], 0.0)
-    # Λ_ts = exp(lgΓ_t − lgΓ_s): + to t, − to s; Γ_t = exp(lgΓ_t); Γ_C = Γ at row C − 1.
+    dbeta = tl.sum(Gs * QK * decay, 0) + tl.sum(tl.where(strict, dL * KK * decay, 0.0), 0)
+    # Λ_ts = exp(lgΓ_t − lgΓ_s): its adjoint flows + to lgΓ_t and − to lgΓ_s.
     flow = decay_adj * decay
-    lg_adj = tl.sum(flow, 1) - tl.sum(flow, 0) + gamma * gamma_adj
-    gamma_C = tl.sum(tl.where(idx == C - 1, gamma, 0.0), 0)
-    lg_adj += tl.where(idx == C - 1, gamma_C * tl.load(dgc_ptr + c * H + h), 0.0)
-    # g_t enters every lgΓ_t' with t' ≥ t: a reverse cumulative sum.
-    dg = tl.sum(lg_adj, 0) - tl.cumsum(lg_adj, 0) + lg_adj
-    tl.store(dg_ptr + tok, dg.to(dg_ptr.dtype.element_ty), mask=valid)
-    tl.store(dbeta_ptr + tok, beta_adj.to(dbeta_ptr.dtype.element_ty), mask=valid)
-    XY = Y + tl.trans(Y)
-    for kb in range(0, K, BKB):
-        cols = kb + tl.arange(0, BKB)
-        kmask = valid[:, None] & (cols[None, :] < K)
-        off = tok[:, None] * K + cols[None, :]
-        qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
-        kc = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32)
-        dq = tl.dot(X, kc) + gamma[:, None] * tl.load(dqs_ptr + off, mask=kmask, other=0.0)
-        dk = (tl.dot(tl.trans(X), qc) + tl.dot(XY, kc) + gamma[:, None] * tl.load(dkt_ptr + off, mask=kmask, other=0.0)
-              + (last * beta)[:, None] * tl.load(eds_ptr + off, mask=kmask, other=0.0))
-        tl.store(dq_ptr + off, dq.to(dq_ptr.dtype.element_ty), mask=kmask)
-        tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+    return X, Y + tl.trans(Y), _reverse_cumsum(tl.sum(flow, 1) - tl.sum(flow, 0)), dbeta
+
+
+@triton.jit
+def _reset_local_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, e_ptr, do_ptr, dr_ptr, h_ptr, dh_ptr, x_ptr, xy_ptr,
+                             chunk_ptr, cu_ptr, slot_ptr, dq_ptr, dk_ptr, dg_part_ptr, dbeta_part_ptr,
+                             scale, H, n_tok,
+                             K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr,
+                             C: tl.constexpr, SLOT_DOTS: tl.constexpr):
+    """dq, dk of one K block of a chunk of reset, and this block's parts of dg and dbeta, from the
+    local terms and the chunk's X, Y + Yᵀ (_reset_cc_adjoints, which need no sum over K):
+        dq = X K + Γ dQ_S,   dk = Xᵀ Q + (Y + Yᵀ) K + Γ dK̃ + Λ_C· beta E dS_Cᵀ,
+    so the C × K local terms never reach memory. The rest of dg and dbeta is linear in row dots
+    of this block (q·dQ_S, k·dK̃, k·(E dS_Cᵀ)) and its part of ⟨S0, dS_C⟩: every block stores its
+    own part (dg_part, dbeta_part [parts, B·T, H], summed afterwards)."""
+    pid_k, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
+    start, end_adjoint = _slots_of_chunk(h_ptr, dh_ptr, slot_ptr, n, i, h, H, K, V)
+    kk = pid_k * BKB + tl.arange(0, BKB)
+    dQS, EdS, dKt, dgc = _local_terms(e_ptr, do_ptr, dr_ptr, start, end_adjoint, tok, valid, kk,
+                                      K, V, BKB, BV, C, SLOT_DOTS)
+    dQS = scale * dQS
+    idx = tl.arange(0, C)
+    kmask = valid[:, None] & (kk[None, :] < K)
+    off = tok[:, None] * K + kk[None, :]
+    qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+    kc = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32)
+    lg = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
+    lg_C = tl.sum(tl.where(idx == C - 1, lg, 0.0), 0)
+    gamma, gamma_C, last = tl.exp(lg), tl.exp(lg_C), tl.exp(lg_C - lg)
+    beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    gamma_adj = tl.sum(qc * dQS, 1) + tl.sum(kc * dKt, 1)      # adjoint of Γ_t
+    k_eds = tl.sum(kc * EdS, 1)
+    cc = tok[:, None] * C + idx[None, :]
+    X = tl.load(x_ptr + cc, mask=valid[:, None], other=0.0)
+    tl.store(dq_ptr + off, (tl.dot(X, kc) + gamma[:, None] * dQS).to(dq_ptr.dtype.element_ty), mask=kmask)
+    dk = tl.dot(tl.trans(X), qc) + gamma[:, None] * dKt + (last * beta)[:, None] * EdS
+    dk += tl.dot(tl.load(xy_ptr + cc, mask=valid[:, None], other=0.0), kc)
+    tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+    # diag(Λ_C· beta) K with adjoint E dS_Cᵀ: Λ_C· is row C − 1 of Λ, so its part of Λ's
+    # adjoint is one row, whose flow β_s k_eds_s Λ_C,s goes + to lgΓ_C and − to lgΓ_s.
+    row_flow = beta * k_eds * last
+    lg_adj = gamma * gamma_adj - row_flow
+    lg_adj += tl.where(idx == C - 1, tl.sum(row_flow, 0) + gamma_C * tl.sum(dgc, 0), 0.0)
+    part = pid_k.to(tl.int64) * n_tok * H + tok
+    tl.store(dg_part_ptr + part, _reverse_cumsum(lg_adj), mask=valid)
+    tl.store(dbeta_part_ptr + part, last * k_eds, mask=valid)

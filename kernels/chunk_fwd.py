@@ -702,8 +702,9 @@ class Intermediates:
     as reset reads its keys; else u itself); gains w (reset: beta); L⁻¹ of every chunk's
     system [B·T, H, C]; innovations e [B·T, H, V]; the whitened keys wkeys = L⁻¹ K̃
     [B·T, H, K] (the keys' dtype when they are dot operands); the prior part of the
-    predictive variance vpri (bayes with output_variance, else None); L itself and the packed
-    factors (L below the diagonal, L⁻¹ᵀ above, w on it; bayes, else None)."""
+    predictive variance vpri (bayes with output_variance, else None); L itself (bayes, else
+    None) and what the backward's rerun may be given back as factors: bayes' packed factors (L
+    below the diagonal, L⁻¹ᵀ above, w on it), reset's L⁻¹."""
 
     h_slots: torch.Tensor
     s_final: torch.Tensor
@@ -722,8 +723,9 @@ class Intermediates:
 def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size, factors=None):
     """Passes 1 and 2 of the forward (covariance or reset system, then the mean h-loop).
     Inputs [B, T, H, ...] contiguous (noise fp32, bayes only); S0 [N, H, K, V] fp32,
-    P0 [N, H, K, K] fp32 (bayes) or None; factors: bayes' packed factors [B·T, H, C] from an
-    earlier run on the same inputs (the backward's rerun skips the factorisation then).
+    P0 [N, H, K, K] fp32 (bayes) or None; factors: what an earlier run on the same inputs
+    returned as `packed` (bayes' packed factors, reset's L⁻¹, both [B·T, H, C] fp32): the
+    backward's rerun skips the factorisation or the system's inverse then.
     Returns Intermediates; the final state of document n is s_final[n] (and slot
     slot0[n] + NT_n of p_slots)."""
     B, T, H, K = q.shape
@@ -755,6 +757,9 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
             vpri if vpri is not None else w, H,
             K=K, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
             GIVEN_FACTORS=factors is not None, U_COPY=u_copy, num_warps=COV_WARPS, num_stages=COV_STAGES)
+    elif factors is not None:
+        linv = factors                          # reset's L⁻¹ from the forward (the backward's rerun)
+        u, w, u_dots = k, beta, k
     else:
         if RESET_SYSTEM_BLOCKED and C > 16:
             _reset_system_blocked_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
@@ -776,14 +781,15 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), UPDATE_16=update_16,
         num_warps=mean_warps, num_stages=MEAN_STAGES)
     return Intermediates(h_slots, s_final, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor,
-                         packed if mode == "bayes" else None)
+                         packed if mode == "bayes" else linv)
 
 
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
     """The whole forward: chunk_states, then the outputs (pass 3).
 
     Returns (o, variance or None, the final states [N, H, K, V] fp32, p_slots [n_slots, H, K, K]
-    or None, bayes' packed factors [B·T, H, C] for the backward or None).
+    or None, the factors [B·T, H, C] fp32 for the backward: bayes' packed LDLᵀ factors, reset's
+    L⁻¹).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]

@@ -4,13 +4,14 @@ paths see one forward op and one backward op instead of Triton launches and Pyth
     titan_bayes::chunk_fwd  → (o, variance, S_final, P_final, factors)
     titan_bayes::chunk_bwd  → (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0)
 
-Empty tensors stand for absent outputs (variance without output_variance, P and the factors
-outside bayes): a custom op's outputs are always tensors. The backward saves the op's inputs
-(as Gated DeltaNet's kernels do) and, for bayes, each chunk's factors packed into one fp32
-C × C block (L below the diagonal, L⁻¹ᵀ above it, the gains on it: [B·T, H, C]), and reruns
-the first two forward passes for the chunk-boundary states and covariances: some extra time
-for a saved memory of the inputs and C floats per token and head. Saving the factors spares
-the rerun the serial LDLᵀ of every chunk.
+Empty tensors stand for absent outputs (variance without output_variance, P outside bayes): a
+custom op's outputs are always tensors. The backward saves the op's inputs (as Gated
+DeltaNet's kernels do) and each chunk's factors, one fp32 C × C block per chunk ([B·T, H, C]):
+for bayes L, L⁻¹ and the gains packed into it (L below the diagonal, L⁻¹ᵀ above it, the gains
+on it), for reset the inverse L⁻¹ of its delta-rule system (as fla saves its solve_tril). It
+reruns the first two forward passes for the chunk-boundary states and covariances: some extra
+time for a saved memory of the inputs and C floats per token and head. The saved factors
+spare the rerun bayes' serial LDLᵀ and reset's triangular inverse of every chunk.
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         return q.new_empty(0, dtype=torch.float32)
 
     P_final = p_slots[_final_index(plan)].contiguous() if p_slots is not None else empty()
-    return (o, variance if variance is not None else empty(), S_final, P_final,
-            factors if factors is not None else empty())
+    return o, variance if variance is not None else empty(), S_final, P_final, factors
 
 
 @chunk_fwd.register_fake
@@ -55,7 +55,7 @@ def _chunk_fwd_fake(q, k, v, g, beta, noise, S0, P0, cu_seqlens, mode, scale, ou
     f32 = dict(dtype=torch.float32, device=q.device)
     bayes = mode == "bayes"
     variance = q.new_empty(B, T, H, dtype=v.dtype) if output_variance else q.new_empty(0, **f32)
-    factors = q.new_empty(B * T, H, chunk_size, **f32) if bayes else q.new_empty(0, **f32)
+    factors = q.new_empty(B * T, H, chunk_size, **f32)
     return (torch.empty_like(v), variance, q.new_empty(N, H, K, V, **f32),
             q.new_empty(N, H, K, K, **f32) if bayes else q.new_empty(0, **f32), factors)
 
@@ -71,7 +71,7 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     plan = plan_for(B, T, cu_seqlens, chunk_size, q.device)
     grads = (d_out, d_var if d_var.numel() else None, dS, dP if dP.numel() else None)
     out = chunk_backward(mode, (q, k, v, g, beta, noise), S0, P0, plan, cu_seqlens, grads, scale,
-                         output_variance, chunk_size, factors if mode == "bayes" else None)
+                         output_variance, chunk_size, factors)
     dP0 = out[7] if out[7] is not None else q.new_empty(0, dtype=torch.float32)
     return (*out[:7], dP0)
 

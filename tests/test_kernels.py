@@ -138,6 +138,15 @@ def case_bayes_keys_several_key_blocks_varlen_variance():
                     process_noise=noise), FP32_TOL
 
 
+def case_reset_several_key_blocks_varlen():
+    # K = 80 > 64: reset's fused local and key kernel runs per K block (two, one partial), and
+    # each block's parts of dg and dbeta are summed afterwards; with documents and S0.
+    inputs = make_inputs(B=1, T=50, H=2, K=80, V=16, seed=17)
+    S0 = torch.randn(2, 2, 80, 16, generator=torch.Generator().manual_seed(18))
+    return _compare("reset", inputs, cu_seqlens=torch.tensor([0, 29, 50]), initial_state=S0,
+                    chunk_size=32, output_variance=False), FP32_TOL
+
+
 def case_bayes_odd_head_sizes():
     return _compare("bayes", make_inputs(B=1, T=40, H=1, K=20, V=24, seed=12)), FP32_TOL
 

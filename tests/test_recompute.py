@@ -200,7 +200,7 @@ def test_b_block_saves_only_what_backward_needs(precision, doc_len):
       the normed inputs of the mixer's projections and of the MLP         2·D
       q, k, v projection outputs (the short convolutions' input)          2·H·K + H·V
       the filter op's q, k, v (the Triton op saves its inputs)             2·H·K + H·V
-      the filter op's packed chunk factors (fp32, bayes)                  4·H·C bytes
+      the filter op's chunk factors (fp32)                                4·H·C bytes
       the filter output o and the output gate (gated RMSNorm)             2·H·V
       the gated RMSNorm's output (o_proj's weight gradient)               H·V
       the MLP's gate and up projections, and silu(gate)·up (down_proj)    3·M

@@ -16,10 +16,10 @@ amortised over L tokens.
 
 The filter. On CPU `bayes_filter` takes the chunked PyTorch path, whose autograd graph keeps
 every chunk intermediate; on a GPU the Triton custom op (kernels/ops.py) saves its inputs
-and, for bayes, each chunk's factors. The block therefore runs the real op without grad and
-wraps it in a stand-in that saves what the custom op saves (q, k, v, g, beta, the fp32 process
-noise, the initial states; bayes: the packed chunk factors [B·T, H, C], fp32), so these
-numbers are the GPU's. `--filter chunked` measures the CPU path instead.
+and each chunk's factors. The block therefore runs the real op without grad and wraps it in a
+stand-in that saves what the custom op saves (q, k, v, g, beta, the fp32 process noise, the
+initial states, the chunk factors [B·T, H, C] fp32: bayes' packed LDLᵀ factors, reset's L⁻¹),
+so these numbers are the GPU's. `--filter chunked` measures the CPU path instead.
 
 Each storage is counted once (a tensor saved by several ops, e.g. the normed input of the six
 projections, is one allocation), charged to the first module that saved it; parameters are
@@ -82,7 +82,7 @@ def kernel_like_filter(q, k, v, g, beta, *, mode, process_noise=None, prior_scal
                              torch.float32, q.device)
     P0 = torch.empty(0) if P0 is None else P0
     inputs = [t.contiguous() for t in (q, k, v, g, beta, noise, S0, P0)]
-    factors = torch.empty(B * T, H, chunk_size) if mode == "bayes" else torch.empty(0)
+    factors = torch.empty(B * T, H, chunk_size)
     return _SavesLikeKernel.apply(*inputs, factors, o), None
 
 
