@@ -30,21 +30,22 @@ import triton
 from titan_bayes.ops import filter_math as fm
 
 from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel
-from .chunk_bwd import _dstate_kernel, _local_kernel, _readout_map_kernel, _reset_local_keys_kernel, _square_kernel
+from .chunk_bwd import _dstate_kernel, _local_de_kernel, _local_kernel, _reset_local_keys_kernel, _square_kernel
 from .chunk_fwd import _v_block, bf16_dots, chunk_states, key_dots, launch_staged
 
 
 def _dstate_launch(K, V, u_dots, q, wkeys):
-    """(BV, num_warps, UPDATE_16) of the reverse state sweep. Measured on an H100 with Triton 3.6: with
-    bf16 U (reset's keys) at K = 256 it takes 3.6 ms with (64, 8) against 5.9 with (32, 4); at
-    K = 128, (32, 4) is best. fp32 U takes V blocks of 64 and 4 warps at every K (at K = 256:
-    5.6 ms against 8.1 with (32, 4)).
+    """(BV, num_warps, UPDATE_16) of the reverse state sweep. Measured on an H100 with Triton 3.6,
+    fp32 U: V blocks of 64 and 4 warps at every K (at K = 256: 5.6 ms against 8.1 with (32, 4)).
+    16-bit U (reset's keys, bayes' copy) at K = 256, one process, with Ma dO formed before the
+    sweep and 2 stages: (32, 4) 1.52 ms, (64, 8) 2.02–2.04 (its 2 stages do not fit in shared
+    memory). At K = 128, (32, 4).
     (32, 8) and (16, 8) returned NaNs there (a Triton 3.6 Hopper miscompilation): avoid them.
     The bf16 update (DSTATE_UPDATE_16) only at K > 128, see there."""
     if u_dots.dtype == torch.float32:
         return _v_block(V, 64), 4, False
     if K > 128:
-        return _v_block(V, 64), 8, bf16_dots(DSTATE_UPDATE_16, q, wkeys)
+        return _v_block(V, DSTATE_WIDE_BV), DSTATE_WIDE_WARPS, bf16_dots(DSTATE_UPDATE_16, q, wkeys)
     return _v_block(V, 32), 4, False
 
 
@@ -59,16 +60,21 @@ OWN_WARPS = {16: 8, 32: 4, 64: 8}     # C = 16 untried with 4
 KEYS_WARPS = {16: 8, 32: 4, 64: 8}
 COV_SWEEP_WARPS = 4
 COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk_fwd.COV_STAGES)
-# The chunk-parallel value and reset kernels (chunk_bwd.py).
-READOUT_WARPS, SQUARE_WARPS, LOCAL_WARPS = 4, 4, 4
-RESET_SQUARE_WARPS, RESET_KEYS_WARPS = 8, 8
+# The chunk-parallel value and reset kernels (chunk_bwd.py). Reset's square and key kernels: on
+# an H100 4 warps took them from 0.86 + 2.72 to 1.03 + 1.29 ms at (8, 4096, 6, 256, 512) and from
+# 0.62 + 0.81 to 0.60 + 0.55 at (8, 4096, 8, 128, 128) against 8 (the key kernel spills at 8).
+LOCAL_DE_WARPS, SQUARE_WARPS, LOCAL_WARPS = 4, 4, 4
+RESET_SQUARE_WARPS, RESET_KEYS_WARPS = 4, 4
+# The reverse state sweep's V block and warps with 16-bit U at K > 128 (_dstate_launch).
+DSTATE_WIDE_BV, DSTATE_WIDE_WARPS = 32, 4
 # Software pipelining (chunk_fwd.launch_staged takes 1 stage where shared memory is short). On an
 # H100, against 1 stage, outputs and gradients equal to 4e-7: the key kernels' tile loops with 2,
 # bayes' input gradients 7.74 → 7.32 ms at (8, 4096, 6, 256, 512), 4.65 → 4.49 at (8, 4096, 8,
-# 128, 128) (own terms equal); the reverse state sweep's chunk loop with 2 for bayes, 2.57 → 1.45
-# and 0.65 → 0.52 ms, but not for reset (0.47 → 0.69 ms at K = 128; at K = 256 2 stages do not fit).
+# 128, 128) (own terms equal); the reverse state sweep's chunk loop with 2: bayes 2.57 → 1.45
+# and 0.65 → 0.52 ms; reset, once Ma dO left the sweep (_local_de_kernel), 0.43 → 0.39 ms at
+# K = 128 and, with (32, 4), 2.13 → 1.52 at K = 256.
 KEYS_STAGES = 2
-DSTATE_STAGES = {"bayes": 2, "reset": 1}
+DSTATE_STAGES = 2
 # The reverse sweep's two transposed products on bf16 tensor cores (chunk_fwd.bf16_dots), at
 # K > 128 only: on an H100 at (8, 4096, 6, 256, 512) 3.2–3.5 → 2.4 ms with V blocks of 64 and
 # 8 warps. At K = 128 its (32, 4) launch made an illegal memory access (Triton 3.6 on Hopper)
@@ -124,18 +130,17 @@ def _value_sums(q, k, v, g, beta, d_out, mid, plan, dS_final, scale, C, reset):
     BV, dstate_warps, update_16 = _dstate_launch(K, V, mid.u_dots, q, mid.wkeys)
     grid_cc = (plan.n_chunks, H)
     dS_final = torch.zeros(N, H, K, V, **f32) if dS_final is None else dS_final.float().contiguous()
-    ma = torch.empty(n_tok, H, C, **f32)
-    _readout_map_kernel[grid_cc](q, mid.u_dots, g, mid.w, plan.chunks, plan.cu, ma, scale, H,
-                                 K=K, BKB=BKB, C=C, num_warps=READOUT_WARPS)
+    dE = torch.empty(n_tok, H, V, **f32)
+    _local_de_kernel[grid_cc](q, mid.u_dots, g, mid.w, d_out, plan.chunks, plan.cu, dE, scale, H,
+                              K=K, V=V, BKB=BKB, BV=_v_block(V, 64), C=C, num_warps=LOCAL_DE_WARPS)
     dh_slots = torch.empty_like(mid.h_slots)
     dS0 = torch.empty(N, H, K, V, **f32)
-    dE = torch.empty(n_tok, H, V, **f32)
     launch_staged(
         _dstate_kernel, (triton.cdiv(V, BV), N * H),
-        q, g, mid.u_dots, mid.w, mid.wkeys, ma, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dS0, dE, scale, H,
+        q, g, mid.u_dots, mid.w, mid.wkeys, d_out, dS_final, plan.cu, plan.slot0, dh_slots, dS0, dE, scale, H,
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k),
         UPDATE_16=update_16, num_warps=dstate_warps,
-        num_stages=DSTATE_STAGES["bayes" if mid.p_slots is not None else "reset"])
+        num_stages=DSTATE_STAGES)
     dR = torch.empty(n_tok, H, V, dtype=v.dtype, device=q.device)
     Gs, dL = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, C, **f32)
     n_kb = triton.cdiv(K, BKB)

@@ -12,9 +12,10 @@ the innovations and of the residuals,
     dS0 = Γ_C dS_C + scale · (diag(Γ) Q)ᵀ dO − K̃ᵀ dR = Γ_C dS_C + scale · (diag(Γ) Q)ᵀ dO − Wᵀ dE,
 with W = L⁻¹ K̃ the forward's whitened keys. So the adjoint of the state runs backwards over
 the chunks like the forward h-loop (`_dstate_kernel`, one program per (document, head,
-V block)) with three products per chunk, the C × C map Ma = scale · diag(w) Aᵀ formed once
-per chunk (`_readout_map_kernel`), and dR = L⁻ᵀ dE after it, parallel over chunks
-(`_square_kernel`). Everything else is local to a chunk and needs a sum over V, which
+V block)) with three products per chunk. The part Ma dO of dE, with the C × C map
+Ma = scale · diag(w) Aᵀ, needs no state: it is formed before the sweep, parallel over chunks
+(`_local_de_kernel`), as fla forms its local dv, so the sweep's serial chain is one product
+shorter; dR = L⁻ᵀ dE after it, parallel over chunks (`_square_kernel`). Everything else is local to a chunk and needs a sum over V, which
 `_square_kernel` (C × C results) and `_local_terms` (C × K results, per K block) form: the
 adjoints of the chunk's key-side products
     A diag(w) ← Gs = scale · dO Eᵀ,    L ← dL = −dR Eᵀ (strictly lower: E = L⁻¹ R),
@@ -34,12 +35,12 @@ from .chunk_fwd import _chunk_decays, _chunk_end, _chunk_tokens, _last_row
 
 
 @triton.jit
-def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, chunk_ptr, cu_ptr, ma_ptr, scale, H,
-                        K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr):
-    """Ma = scale · diag(w) Aᵀ of one chunk, A = tril(Q Uᵀ) ∘ Λ, stored by rows [B·T, H, C]."""
+def _local_de_kernel(q_ptr, u_ptr, g_ptr, w_ptr, do_ptr, chunk_ptr, cu_ptr, de_ptr, scale, H,
+                     K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+    """Ma dO, the part of dE that needs no state, with the readout map Ma = scale · diag(w) Aᵀ
+    of one chunk, A = tril(Q Uᵀ) ∘ Λ: stored in de for the reverse sweep to complete."""
     c, h = tl.program_id(0), tl.program_id(1)
     n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
-    idx = tl.arange(0, C)
     QU = tl.zeros([C, C], dtype=tl.float32)
     for kb in range(0, K, BKB):
         cols = kb + tl.arange(0, BKB)
@@ -50,18 +51,22 @@ def _readout_map_kernel(q_ptr, u_ptr, g_ptr, w_ptr, chunk_ptr, cu_ptr, ma_ptr, s
     _, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
     w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     Ma = scale * tl.trans(QU * decay) * w[:, None]
-    tl.store(ma_ptr + tok[:, None] * C + idx[None, :], Ma, mask=valid[:, None])
+    for vb in range(0, V, BV):
+        vv = vb + tl.arange(0, BV)
+        vmask = valid[:, None] & (vv[None, :] < V)
+        dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
+        tl.store(de_ptr + tok[:, None] * V + vv[None, :], tl.dot(Ma, dO), mask=vmask)
 
 
 @triton.jit
-def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
+def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, do_ptr, dsf_ptr, cu_ptr, slot_ptr,
                    dh_ptr, ds0_ptr, de_ptr, scale, H,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                    KEY_DOTS: tl.constexpr, UPDATE_16: tl.constexpr):
     """Reverse h-loop. dh slot slot0 + i + 1 receives the adjoint of the state at the end of
     chunk i, in the slots' dtype (bf16 with 16-bit keys, like the forward's h slots), ds0 the
-    initial state's adjoint in fp32 (slot0 stays unused); also stores dE per token. The loop
-    carries dS in fp32."""
+    initial state's adjoint in fp32 (slot0 stays unused); also completes dE per token (de
+    holds Ma dO on entry, from _local_de_kernel). The loop carries dS in fp32."""
     pid_v, pid = tl.program_id(0), tl.program_id(1)
     n, h = pid // H, pid % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -85,11 +90,7 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, 
         U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
         w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
-        dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
-        Ma = tl.load(ma_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
-        # The update accumulates both products into dS itself (tl.dot's acc argument, the
-        # second with −dE): a difference of two products would hold a second [K, BV] fp32
-        # result in registers beside dS.
+        dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         # U·dS takes U as stored (bf16 in training: reset's keys, bayes' copy) and dS rounded
         # to it: bf16 tensor-core products, as the forward rounds S in W·S (_mean_kernel). On
         # an H100 at K = 256: 5.9 → 3.6 ms for this kernel, 6e-4 relative change in dR. The transposed
@@ -100,12 +101,14 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, 
             UdS = tl.dot(U, dS.to(U.dtype))
         else:
             UdS = tl.dot(U.to(tl.float32), dS)
-        dE = tl.dot(Ma, dO) + (w * last)[:, None] * UdS
+        dE = tl.load(de_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0) + (w * last)[:, None] * UdS
         tl.store(de_ptr + tok[:, None] * V + vv[None, :], dE, mask=vmask)
         gamma = tl.exp(tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0))
         if UPDATE_16:
             # (ΓQ)ᵀ and Wᵀ read transposed from memory ([K, C]) and the bf16 products with dO
-            # and dE rounded to bf16, as the forward's update (chunk_fwd.bf16_dots).
+            # and dE rounded to bf16, as the forward's update (chunk_fwd.bf16_dots). Both
+            # products accumulate into dS itself (tl.dot's acc, the second with −dE): their
+            # difference would hold another [K, BV] fp32 result in registers.
             kmask_t = (kk[:, None] < K) & valid[None, :]
             qt = tl.load(q_ptr + tok[None, :] * K + kk[:, None], mask=kmask_t, other=0.0)
             Wt = tl.load(wk_ptr + tok[None, :] * K + kk[:, None], mask=kmask_t, other=0.0)
@@ -115,7 +118,7 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, ma_ptr, do_ptr, dsf_ptr, 
         else:
             qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
             Wk = tl.load(wk_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0).to(tl.float32)
-            dS = tl.dot(tl.trans(qc * (scale * gamma)[:, None]), dO, gamma_C * dS)
+            dS = tl.dot(tl.trans(qc * (scale * gamma)[:, None]), dO.to(tl.float32), gamma_C * dS)
             dS = tl.dot(tl.trans(Wk), -dE, dS)
     tl.store(ds0_ptr + pid.to(tl.int64) * K * V + state_off, dS, mask=state_mask)
 

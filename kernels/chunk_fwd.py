@@ -602,6 +602,8 @@ MEAN_STAGES = 2
 # H100 (Triton 3.6) with V blocks of 32 and 4 warps: 2.96 → 2.78 ms at (8, 4096, 6, 256, 512),
 # 0.68 → 0.60 ms at (8, 4096, 8, 128, 128) (V blocks of 64 there before); outputs moved 6e-4.
 MEAN_UPDATE_16 = 1
+# The h-loop's V block and warps with the bf16 update at K > 128 (_mean_launch).
+MEAN_WIDE_BV, MEAN_WIDE_WARPS = 64, 8
 
 
 def key_dots(k):
@@ -643,15 +645,19 @@ def _block_v(K, V):
 
 def _mean_launch(K, V, u_dots):
     """(BV, num_warps, UPDATE_16) of the h-loop. Measured on an H100 (Triton 3.6) at K = 256, V = 512:
-    with fp32 U (read again by every V block) 6.3 → 3.7 ms with (64, 8) instead of (32, 4);
-    with bf16 U (reset's keys) (32, 4) is fastest (2.0 ms; (64, 8) 2.25, (64, 4) 3.1).
-    (32, 8) returned NaNs there (the Triton 3.6 Hopper miscompilation noted at
+    with fp32 U (read again by every V block) 6.3 → 3.7 ms with (64, 8) instead of (32, 4).
+    With bf16 U (reset's keys, bayes' copy) and the bf16 update, per fwd + backward rerun, one
+    process: at K = 256 (64, 8) 2.27 ms against (32, 4) 2.39–2.41 ((64, 4) 3.0, (32, 2) 7.0);
+    at K = 128 (32, 4) 0.47 against (64, 8) 0.53.
+    (32, 8) returned NaNs at K = 256 (the Triton 3.6 Hopper miscompilation noted at
     backward._dstate_launch): avoid it."""
     if K > 128 and u_dots.dtype == torch.float32:
         return _v_block(V, 64), 8, False
     update_16 = bf16_dots(MEAN_UPDATE_16, u_dots)
+    if K > 128 and update_16:
+        return _v_block(V, MEAN_WIDE_BV), MEAN_WIDE_WARPS, True
     if K > 64 and update_16:
-        return _v_block(V, 32), 4, True    # with the bf16 update, 32 beat 64 at K = 128 and 256
+        return _v_block(V, 32), 4, True
     return _block_v(K, V), 4, update_16
 
 
@@ -670,9 +676,10 @@ def launch_staged(kernel, grid, *args, num_stages, **kwargs):
     """kernel[grid](*args, **kwargs) with num_stages software-pipelining stages, or with 1 where
     the GPU's shared memory cannot hold them. Triton refuses such a launch before it runs
     (OutOfResources); on an H100 reset's reverse sweep at K = 256 asked 254 KB of 227 with 2.
-    Which kernels and operand types need 1 is remembered, so the refusal happens once each."""
+    Which kernels, stage counts and operand types were refused is remembered, so the refusal
+    happens once each."""
     if num_stages > 1:
-        key = (kernel.__name__, tuple(sorted(kwargs.items())),
+        key = (kernel.__name__, num_stages, tuple(sorted(kwargs.items())),
                tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
         if key not in _STAGES_TOO_MANY:
             try:
