@@ -8,10 +8,11 @@
 2. chunk_bwd.py: the adjoint of the mean runs backwards over the chunks (`_dstate_kernel`),
    then chunk-parallel kernels form every sum over V: dV and the adjoints of the chunk's
    key-side products (A diag(w), L, diag(Λ_C· w) U, diag(Γ) Q, K̃, Γ_C; see that module).
-3. Those products are functions of (q, k, g, beta) alone for reset: `_reset_local_keys_kernel`
-   differentiates them by hand as it forms them. For bayes they also depend on the process noise and the
-   chunk's start covariance P_i: bayes_keys.py recomputes each chunk's factorisation adjoint
-   by hand (the derivation is in that module) from the rerun's L⁻¹, L, w, U and P_i.
+3. Those products are functions of (q, k, g, beta) alone for reset:
+   `_reset_local_keys_kernel` differentiates them by hand as it forms them. For bayes they
+   also depend on the process noise and the chunk's start covariance P_i: bayes_keys.py
+   recomputes each chunk's factorisation adjoint by hand (the derivation is in that module)
+   from the rerun's L⁻¹, L, w, U and P_i.
 4. bayes also carries the covariance adjoint across chunks. With Kalman-optimal gains the
    first-order change of the gains drops out of the covariance update
    (d(P̄ − P̄kkᵀP̄/s) = (I − ukᵀ/s) dP̄ (I − ukᵀ/s)ᵀ), so P_{i+1} moves by Φ_i dP_i Φ_iᵀ, with
@@ -61,8 +62,8 @@ KEYS_WARPS = {16: 8, 32: 4, 64: 8}
 COV_SWEEP_WARPS = 4
 COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk_fwd.COV_STAGES)
 # The chunk-parallel value and reset kernels (chunk_bwd.py). Reset's square and key kernels: on
-# an H100 4 warps took them from 0.86 + 2.72 to 1.03 + 1.29 ms at (8, 4096, 6, 256, 512) and from
-# 0.62 + 0.81 to 0.60 + 0.55 at (8, 4096, 8, 128, 128) against 8 (the key kernel spills at 8).
+# an H100 4 warps took them from 1.11 + 1.84 to 1.03 + 1.29 ms at (8, 4096, 6, 256, 512) and from
+# 0.62 + 0.81 to 0.60 + 0.55 at (8, 4096, 8, 128, 128) against 8.
 LOCAL_DE_WARPS, SQUARE_WARPS, LOCAL_WARPS = 4, 4, 4
 RESET_SQUARE_WARPS, RESET_KEYS_WARPS = 4, 4
 # The reverse state sweep's V block and warps with 16-bit U at K > 128 (_dstate_launch).

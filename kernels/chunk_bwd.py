@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _chunk_decays, _chunk_end, _chunk_tokens, _last_row
+from .chunk_fwd import _chunk_decays, _chunk_end, _chunk_tokens
 
 
 @triton.jit
