@@ -45,6 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .chunk_bwd import _reverse_cumsum
 from .chunk_fwd import _chunk_decays, _chunk_tokens, _last_row, _mm
 
 
@@ -383,5 +384,5 @@ def _bayes_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, noise_ptr, u_ptr, w_ptr, l
     gamma_C = tl.sum(tl.where(idx == C - 1, gamma, 0.0), 0)
     lgb += tl.where(idx == C - 1, gamma_C * tl.load(dgc_ptr + c * H + h)
                     + 2.0 * gamma_C * gamma_C * tl.sum(PD, 0), 0.0)
-    dg = tl.sum(lgb, 0) - tl.cumsum(lgb, 0) + lgb
+    dg = _reverse_cumsum(lgb)
     tl.store(dg_ptr + tok, dg.to(dg_ptr.dtype.element_ty), mask=valid)

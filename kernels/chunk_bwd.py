@@ -89,7 +89,7 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, do_ptr, dsf_ptr, cu_ptr, 
         vmask = valid[:, None] & (vv[None, :] < V)
         U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
         w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-        gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
+        gamma, gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         # U·dS takes U as stored (bf16 in training: reset's keys, bayes' copy) and dS rounded
         # to it: bf16 tensor-core products, as the forward rounds S in W·S (_mean_kernel). On
@@ -103,7 +103,6 @@ def _dstate_kernel(q_ptr, g_ptr, u_ptr, w_ptr, wk_ptr, do_ptr, dsf_ptr, cu_ptr, 
             UdS = tl.dot(U.to(tl.float32), dS)
         dE = tl.load(de_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0) + (w * last)[:, None] * UdS
         tl.store(de_ptr + tok[:, None] * V + vv[None, :], dE, mask=vmask)
-        gamma = tl.exp(tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0))
         if UPDATE_16:
             # (ΓQ)ᵀ and Wᵀ read transposed from memory ([K, C]) and the bf16 products with dO
             # and dE rounded to bf16, as the forward's update (chunk_fwd.bf16_dots). Both
@@ -293,9 +292,7 @@ def _reset_local_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, e_ptr, do_ptr, dr_pt
     off = tok[:, None] * K + kk[None, :]
     qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
     kc = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32)
-    lg = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
-    lg_C = tl.sum(tl.where(idx == C - 1, lg, 0.0), 0)
-    gamma, gamma_C, last = tl.exp(lg), tl.exp(lg_C), tl.exp(lg_C - lg)
+    gamma, gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     gamma_adj = tl.sum(qc * dQS, 1) + tl.sum(kc * dKt, 1)      # adjoint of Γ_t
     k_eds = tl.sum(kc * EdS, 1)

@@ -421,12 +421,12 @@ def _whiten_kernel(k_ptr, v_ptr, g_ptr, linv_ptr, chunk_ptr, cu_ptr, wk_ptr, e_p
 
 @triton.jit
 def _chunk_end(g_ptr, tok, valid, C: tl.constexpr):
-    """Γ_C and the decays Λ_C· from each token to the chunk end (row C − 1 of Λ), from the log
-    decays alone (padded rows read g = 0)."""
+    """Γ_t, Γ_C and the decays Λ_C· from each token to the chunk end (row C − 1 of Λ), from the
+    log decays alone (padded rows read g = 0)."""
     idx = tl.arange(0, C)
     lg = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
     lg_C = tl.sum(tl.where(idx == C - 1, lg, 0.0), 0)
-    return tl.exp(lg_C), tl.exp(lg_C - lg)
+    return tl.exp(lg), tl.exp(lg_C), tl.exp(lg_C - lg)
 
 
 @triton.jit
@@ -469,7 +469,7 @@ def _mean_kernel(wk_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, s
             E -= tl.dot(Wk.to(tl.float32), S)
         tl.store(e_ptr + tok[:, None] * V + vv[None, :], E, mask=vmask)
         w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-        gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
+        _, gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
         if UPDATE_16:
             # Uᵀ read transposed from memory ([K, C], no register transpose) and the weighted
             # innovations rounded to U's bf16: the update on bf16 tensor cores, as fla does.
@@ -742,7 +742,9 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     BK = max(16, triton.next_power_of_2(K))
     n_tok = B * T
     f32 = dict(dtype=torch.float32, device=dev)
-    linv = torch.empty(n_tok, H, C, **f32)
+    reset_linv_given = mode == "reset" and factors is not None
+    # reset's rerun takes the forward's L⁻¹ (factors) instead of inverting its system again
+    linv = factors if reset_linv_given else torch.empty(n_tok, H, C, **f32)
     h_slots = torch.empty(plan.n_slots, H, K, V, dtype=slot_dtype(k), device=dev)
     s_final = torch.empty(plan.n_docs, H, K, V, **f32)
     p_slots = None
@@ -764,18 +766,16 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
             vpri if vpri is not None else w, H,
             K=K, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
             GIVEN_FACTORS=factors is not None, U_COPY=u_copy, num_warps=COV_WARPS, num_stages=COV_STAGES)
-    elif factors is not None:
-        linv = factors                          # reset's L⁻¹ from the forward (the backward's rerun)
-        u, w, u_dots = k, beta, k
     else:
-        if RESET_SYSTEM_BLOCKED and C > 16:
+        if reset_linv_given:
+            pass                                # the forward's L⁻¹, taken above
+        elif RESET_SYSTEM_BLOCKED and C > 16:
             _reset_system_blocked_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
                                                              K=K, BKS=min(BK, 64), C=C, num_warps=RESET_BLOCKED_WARPS)
         else:
             _reset_system_kernel[(plan.n_chunks, H)](k, g, beta, plan.chunks, plan.cu, linv, H,
                                                       K=K, BK=BK, C=C, num_warps=RESET_SYSTEM_WARPS)
-        u, w = k, beta                          # reset: write along the keys with gain beta
-        u_dots = k
+        u, w, u_dots = k, beta, k              # reset: write along the keys with gain beta
     e = torch.empty(n_tok, H, V, **f32)
     wkeys = torch.empty(n_tok, H, K, dtype=k.dtype if key_dots(k) else torch.float32, device=dev)
     _whiten_kernel[(plan.n_chunks, H)](k, v, g, linv, plan.chunks, plan.cu, wkeys, e, H, K=K, V=V,
