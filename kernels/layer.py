@@ -74,6 +74,7 @@ def _conv_tile(x_ptr, w_ptr, pos_ptr, b, t, c, T, C, W: tl.constexpr, HAS_POS: t
 @triton.jit
 def _short_conv_fwd_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, T, C, eps, W: tl.constexpr, BT: tl.constexpr,
                            BC: tl.constexpr, NORM: tl.constexpr, HAS_POS: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)   # see _gated_norm_fwd_kernel
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
@@ -113,6 +114,7 @@ def _short_conv_bwd_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_part_ptr, s
     which registers cannot do. dw is summed over the program's tiles elementwise, [W, BT, BC]
     in registers, and over tokens once at the end: a sum over a tile's tokens crosses warps,
     and doing it W times per tile had cost more than the rest of the kernel."""
+    eps = tl.cast(eps, tl.float32)   # see _gated_norm_fwd_kernel
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     own = scratch_ptr + pid.to(tl.int64) * (BT + HALO) * BC
@@ -222,6 +224,10 @@ def _resident_programs(device):
 @triton.jit
 def _gated_norm_fwd_kernel(o_ptr, gate_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, V, eps, BR: tl.constexpr,
                            BV: tl.constexpr):
+    # Under torch.compile, inductor launches these kernels with Python float arguments typed
+    # fp64; without the cast the math that touches eps ran in fp64, and the short-conv
+    # backward's fp32 dw sums then failed to compile (their loop-carried type changed).
+    eps = tl.cast(eps, tl.float32)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BV)
     mask = (rows < n_rows)[:, None] & (cols < V)[None, :]
