@@ -19,9 +19,13 @@ from titan_bayes.models.model import BayesLM
 
 pytestmark = pytest.mark.gpu
 
-# fp32: both runs launch the same kernels; only inductor's fused elementwise code differs.
-FP32_TOL = 1e-4
-BF16_OUT_TOL, BF16_GRAD_TOL = 0.005, 0.01   # the filter kernels' GPU tolerances (relative RMS)
+# Inductor's fused elementwise code rounds differently, and the filter kernels' tf32 / bf16
+# dots turn that into differences of their own precision (6e-4 between compiled and eager in
+# fp32, 1e-2 under autocast, in a first run). So both are compared with the same model in
+# float64 (PyTorch paths, no kernels): compiled may be off by at most RATIO × eager's error.
+RATIO = 1.5
+FLOOR = 1e-5               # errors this small are rounding, not evidence either way
+REFERENCE_SANITY = 0.05     # eager against float64: a broken reference fails here first
 
 
 def rel(a, b):
@@ -60,29 +64,31 @@ def _loss_and_grads(model, inputs, labels, doc_starts, autocast):
     return loss.detach(), grads
 
 
+def _errors(grads, loss, grads64, loss64):
+    """(loss error, whole-gradient error, worst weight-matrix error) against float64."""
+    flat = lambda g: torch.cat([g[name].double().flatten() for name in sorted(g)])  # noqa: E731
+    matrices = [name for name in grads64 if grads64[name].dim() >= 2]
+    assert len(matrices) >= 20
+    return (rel(loss, loss64), rel(flat(grads), flat(grads64)),
+            max(rel(grads[name], grads64[name]) for name in matrices))
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 def test_compiled_blocks_match_eager(autocast):
-    """B, D and A blocks compiled per block (inductor), with documents inside rows: the loss, the
-    whole gradient and every weight matrix's gradient match the eager model; under bf16 autocast
-    (what the Trainer runs on one GPU) within the bf16 tolerances.
-
-    The 1-D parameters (A_log, dt_bias, norm weights) are checked only inside the whole
-    gradient: theirs are sums over every token of terms that nearly cancel (a first run gave
-    dt_bias gradients of 5e-5 and 5e-4), so the ~1e-7 differences of inductor's fused
-    elementwise code moved them by up to 5% (0.4% in fp32). A kernel launched wrongly moves
-    the loss and the matrices as well."""
+    """B, D and A blocks compiled per block (inductor), with documents inside rows, fp32 weights
+    (bf16 autocast: what the Trainer runs on one GPU): the loss, the whole gradient and the worst
+    weight matrix's gradient are as close to the float64 model as the eager run's are."""
     eager = _model()
     compiled = copy.deepcopy(eager)
     apply_compile(compiled, "inductor")
+    reference = copy.deepcopy(eager).double()
     batch = _batch()
-    loss_ref, grads_ref = _loss_and_grads(eager, *batch, autocast)
-    out_tol, grad_tol = (BF16_OUT_TOL, BF16_GRAD_TOL) if autocast else (FP32_TOL, FP32_TOL)
-    flat = lambda grads: torch.cat([grads[name].flatten() for name in sorted(grads)])  # noqa: E731
+    loss64, grads64 = _loss_and_grads(reference, *batch, autocast=False)
+    loss, grads = _loss_and_grads(eager, *batch, autocast)
+    eager_err = _errors(grads, loss, grads64, loss64)
+    assert max(eager_err) <= REFERENCE_SANITY, eager_err
     for _ in range(2):  # the second call runs the cached graphs
         loss, grads = _loss_and_grads(compiled, *batch, autocast)
-        assert rel(loss, loss_ref) <= out_tol, (loss.item(), loss_ref.item())
-        assert rel(flat(grads), flat(grads_ref)) <= grad_tol
-        matrices = [name for name in grads if grads[name].dim() >= 2]
-        assert len(matrices) >= 20
-        worst = max(matrices, key=lambda name: rel(grads[name], grads_ref[name]))
-        assert rel(grads[worst], grads_ref[worst]) <= grad_tol, (worst, rel(grads[worst], grads_ref[worst]))
+        compiled_err = _errors(grads, loss, grads64, loss64)
+        for what, c, e in zip(("loss", "gradient", "worst matrix"), compiled_err, eager_err):
+            assert c <= RATIO * e + FLOOR, (what, c, e)
