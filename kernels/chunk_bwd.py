@@ -137,7 +137,7 @@ def _local_terms(e_ptr, do_ptr, dr_ptr, start, end_adjoint, tok, valid, kk, K: t
         vmask = valid[:, None] & (vv[None, :] < V)
         smask = (kk[:, None] < K) & (vv[None, :] < V)
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
-        E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
+        E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
         dR = tl.load(dr_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         if SLOT_DOTS:
             # bf16 slots read transposed from memory ([BV, BKB], no register transpose), the
@@ -209,7 +209,7 @@ def _square_kernel(e_ptr, do_ptr, de_ptr, linv_ptr, chunk_ptr, cu_ptr, dr_ptr, g
         vv = vb + tl.arange(0, BV)
         vmask = valid[:, None] & (vv[None, :] < V)
         dO = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
-        E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
+        E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
         dE = tl.load(de_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0)
         dR = tl.dot(tl.trans(Linv), dE)
         tl.store(dr_ptr + tok[:, None] * V + vv[None, :], dR.to(dr_ptr.dtype.element_ty), mask=vmask)
