@@ -484,33 +484,38 @@ def _mean_kernel(wk_ptr, g_ptr, u_ptr, w_ptr, s0_ptr, cu_ptr, slot_ptr, h_ptr, s
 @triton.jit
 def _output_kernel(q_ptr, g_ptr, u_ptr, w_ptr, e_ptr, h_ptr, vpri_ptr, chunk_ptr, cu_ptr, slot_ptr,
                    o_ptr, var_ptr, scale, H,
-                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                   K: tl.constexpr, V: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                    WITH_VARIANCE: tl.constexpr, KEY_DOTS: tl.constexpr):
     """O = scale · [diag(Γ) Q S0 + (tril(Q Uᵀ) ∘ Λ) diag(w) E]; with variance, also
     scale² · [prior part − Σ_s (Q Uᵀ ∘ Λ)_ts² w_s] (filter_math.chunk_variance).
-    KEY_DOTS: Q Uᵀ and Q S0 take U's dtype (16-bit in training, the S0 slots are bf16 then),
-    as fla's output kernel does; the product with the fp32 innovations E stays fp32."""
+    Q Uᵀ and Q S0 are summed over blocks of BKB keys, so no operand holds all K columns (the
+    V block can be wide at K = 256). KEY_DOTS: Q Uᵀ and Q S0 take U's dtype (16-bit in
+    training, the S0 slots are bf16 then), as fla's output kernel does; the product with the
+    innovations E is fp32."""
     pid_v, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
-    slot = tl.load(slot_ptr + n) + i
-    kk = tl.arange(0, BK)
+    start = h_ptr + ((tl.load(slot_ptr + n) + i) * H + h).to(tl.int64) * K * V
     vv = pid_v * BV + tl.arange(0, BV)
-    kmask = valid[:, None] & (kk[None, :] < K)
     vmask = valid[:, None] & (vv[None, :] < V)
-    qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+    QU = tl.zeros([C, C], dtype=tl.float32)
+    QS = tl.zeros([C, BV], dtype=tl.float32)
+    for kb in range(0, K, BKB):
+        kk = kb + tl.arange(0, BKB)
+        kmask = valid[:, None] & (kk[None, :] < K)
+        qc = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+        U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+        S0 = tl.load(start + kk[:, None] * V + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V), other=0.0)
+        if KEY_DOTS:
+            qc, S0 = qc.to(U.dtype), S0.to(U.dtype)
+        else:
+            qc, S0, U = qc.to(tl.float32), S0.to(tl.float32), U.to(tl.float32)
+        QU = tl.dot(qc, tl.trans(U), QU)
+        QS = tl.dot(qc, S0, QS)
     lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
-    S0 = tl.load(h_ptr + (slot * H + h).to(tl.int64) * K * V + kk[:, None] * V + vv[None, :],
-                 mask=(kk[:, None] < K) & (vv[None, :] < V), other=0.0)
-    U = tl.load(u_ptr + tok[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-    if KEY_DOTS:
-        qc = qc.to(U.dtype)
-        S0 = S0.to(U.dtype)
-    else:
-        qc, S0, U = qc.to(tl.float32), S0.to(tl.float32), U.to(tl.float32)
     w = tl.load(w_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     E = tl.load(e_ptr + tok[:, None] * V + vv[None, :], mask=vmask, other=0.0).to(tl.float32)
-    scores = tl.dot(qc, tl.trans(U)) * decay                  # decay is 0 above the diagonal
-    O = tl.exp(lg)[:, None] * tl.dot(qc, S0) + tl.dot(scores * w[None, :], E)
+    scores = QU * decay                                       # decay is 0 above the diagonal
+    O = tl.exp(lg)[:, None] * QS + tl.dot(scores * w[None, :], E)
     tl.store(o_ptr + tok[:, None] * V + vv[None, :], (scale * O).to(o_ptr.dtype.element_ty), mask=vmask)
     if WITH_VARIANCE:
         if pid_v == 0:
@@ -589,10 +594,12 @@ COV_BLOCK = 64      # columns of P per tile in the covariance sweep
 # issued during the current product). 2 was slower on an H100: 13.0 → 15.2 ms fwd + rerun at
 # (8, 4096, 6, 256, 512); the backward's sweep (backward.COV_SWEEP_STAGES) 9.3 → 13.5.
 COV_STAGES = 1
-# Widest V block of the output kernel for K > 128 with 16-bit operands (see _out_block). 64
-# took reset's output kernel from 1.36 to 0.88 ms at (8, 4096, 6, 256, 512) on an H100,
-# outputs and gradients bit-identical to 32.
-OUT_BV_CAP = 64
+# The output kernel's key block, widest V block and software-pipelining stages of its key loop.
+# On an H100 (Triton 3.6), reset forward at (8, 4096, 6, 256, 512): 0.87 ms before the key loop
+# (all K columns at once, V blocks of 64), 0.73 with it, 0.62 with 3 stages; of the 36 settings
+# of (BKB 32/64/128, BV 64/128, 4/8 warps, 1–3 stages) this was the fastest at both target
+# shapes (0.20 → 0.196 ms at (8, 4096, 8, 128, 128)), outputs identical across all of them.
+OUT_BKB, OUT_BV_CAP, OUT_STAGES = 64, 64, 3
 # Software pipelining of the h-loop's chunk loop (loads of chunk i + 1 issued during chunk i).
 # 2 stages on an H100 (Triton 3.6), outputs and gradients bit-identical to 1: bayes 3.75 → 2.43 ms
 # at (8, 4096, 6, 256, 512) and 0.86 → 0.62 at (8, 4096, 8, 128, 128); reset 2.77 → 2.44 and
@@ -673,14 +680,6 @@ def _mean_launch(K, V, u_dots):
     if K > 64 and update_16:
         return _v_block(V, 32), 4, True
     return _block_v(K, V), 4, update_16
-
-
-def _out_block(K, V, u_dots):
-    """V block of the output kernel: it holds Q, U [C, K] and S0 [K, BV] in registers, so fp32
-    operands at K > 128 keep the narrower blocks they were measured with (32)."""
-    if K > 128:
-        return _v_block(V, OUT_BV_CAP if u_dots.dtype != torch.float32 else 32)
-    return _v_block(V, 64)
 
 
 _STAGES_TOO_MANY = set()
@@ -819,12 +818,14 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
     mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance and mode == "bayes", C)
     o = torch.empty_like(v)
     variance = torch.empty(B, T, H, dtype=v.dtype, device=q.device) if output_variance else None
-    BV = _out_block(K, V, mid.u_dots)
-    _output_kernel[(triton.cdiv(V, BV), plan.n_chunks, H)](
+    BV = _v_block(V, OUT_BV_CAP)
+    launch_staged(
+        _output_kernel, (triton.cdiv(V, BV), plan.n_chunks, H),
         q, g, mid.u_dots, mid.w, mid.e, mid.h_slots, mid.vpri if mid.vpri is not None else mid.w, plan.chunks,
         plan.cu, plan.slot0, o, variance if variance is not None else o, scale, H,
-        K=K, V=V, BK=BK, BV=BV, C=C,
-        WITH_VARIANCE=output_variance and mode == "bayes", KEY_DOTS=key_dots(k), num_warps=OUT_WARPS)
+        K=K, V=V, BKB=min(BK, OUT_BKB), BV=BV, C=C,
+        WITH_VARIANCE=output_variance and mode == "bayes", KEY_DOTS=key_dots(k), num_warps=OUT_WARPS,
+        num_stages=OUT_STAGES)
     if output_variance and mode != "bayes":
         variance.zero_()
     if mode == "bayes":
