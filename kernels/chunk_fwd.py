@@ -582,8 +582,10 @@ def _to_device(host, device):
 
 # Launch settings (module constants: tools/profile_kernels.py --set tries others). The reset system's
 # serial inverse is latency-bound: 2 warps took it from 1.54 to 0.60 ms at (8, 4096, 6, 256)
-# on an H100 (0.89 → 0.82 at H = 8, K = 128; 1 warp: 1.20 and 0.87).
-COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 8, 4, 2, 4
+# on an H100 (0.89 → 0.82 at H = 8, K = 128; 1 warp: 1.20 and 0.87). Whitening with 2 warps:
+# 0.30 → 0.25 ms per call at (8, 4096, 6, 256, 512) with bf16 innovations (8 warps: 0.33); its
+# fp32 products then sum in another order, which moved reset's outputs by 1.5e-5 relative.
+COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 8, 4, 2, 2
 # reset's system inverse by 16-row blocks (_reset_system_blocked_kernel) at chunk sizes 32 and
 # 64, else row by row. On an H100 at C = 64 it took 0.52 ms at (8, 4096, 6, 256) and 0.38 at
 # (8, 4096, 8, 128) against the row-by-row 0.61 and 0.83, with 1 warp (2 warps: 0.83 / 0.39;
