@@ -8,7 +8,8 @@ Each spec trains its `train_configs/<spec>_340M.toml` job through the launcher f
 steps on synthetic MQAR data with a 32000-token vocabulary (the anchors' vocabulary; no
 downloads, no tokenizer files), bf16 parameters, fp32 reductions, no validation, no
 checkpoints. torchtitan's own metrics are read back from TensorBoard: tokens/s per GPU and
-MFU averaged over the steps after `--warmup` (compilation and allocator warm-up excluded),
+MFU averaged over the steps after `--warmup` (compilation and allocator warm-up excluded;
+`--compile` compiles each block as the example configs do),
 peak reserved memory, and the last logged loss. The table goes to stdout and to
 `<out>/train_bench.md` / `.json`.
 
