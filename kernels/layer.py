@@ -44,6 +44,10 @@ CONV_BWD_BT, CONV_BWD_PER_SM, CONV_BWD_CHANNELS_PER_WARP = 8, 4, 64
 NORM_ROWS = 16
 # Rows (heads of tokens) per program of the RoPE kernel.
 ROPE_ROWS = 32
+# FLOAT_ARGUMENTS: the model's autograd Functions call these kernels, so under torch.compile
+# inductor launches them itself, and it types Python float arguments fp64. Every kernel that
+# takes one (eps) casts it to fp32 first: without the cast its math ran in fp64, and the
+# short-conv backward's fp32 dw sums failed to compile (their loop-carried type changed).
 
 
 @triton.jit
@@ -74,7 +78,7 @@ def _conv_tile(x_ptr, w_ptr, pos_ptr, b, t, c, T, C, W: tl.constexpr, HAS_POS: t
 @triton.jit
 def _short_conv_fwd_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, T, C, eps, W: tl.constexpr, BT: tl.constexpr,
                            BC: tl.constexpr, NORM: tl.constexpr, HAS_POS: tl.constexpr):
-    eps = tl.cast(eps, tl.float32)   # see _gated_norm_fwd_kernel
+    eps = tl.cast(eps, tl.float32)   # see FLOAT_ARGUMENTS
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
@@ -114,7 +118,7 @@ def _short_conv_bwd_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_part_ptr, s
     which registers cannot do. dw is summed over the program's tiles elementwise, [W, BT, BC]
     in registers, and over tokens once at the end: a sum over a tile's tokens crosses warps,
     and doing it W times per tile had cost more than the rest of the kernel."""
-    eps = tl.cast(eps, tl.float32)   # see _gated_norm_fwd_kernel
+    eps = tl.cast(eps, tl.float32)   # see FLOAT_ARGUMENTS
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     own = scratch_ptr + pid.to(tl.int64) * (BT + HALO) * BC
@@ -224,10 +228,7 @@ def _resident_programs(device):
 @triton.jit
 def _gated_norm_fwd_kernel(o_ptr, gate_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, V, eps, BR: tl.constexpr,
                            BV: tl.constexpr):
-    # Under torch.compile, inductor launches these kernels with Python float arguments typed
-    # fp64; without the cast the math that touches eps ran in fp64, and the short-conv
-    # backward's fp32 dw sums then failed to compile (their loop-carried type changed).
-    eps = tl.cast(eps, tl.float32)
+    eps = tl.cast(eps, tl.float32)   # see FLOAT_ARGUMENTS
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BV)
     mask = (rows < n_rows)[:, None] & (cols < V)[None, :]
