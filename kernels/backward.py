@@ -32,7 +32,7 @@ from titan_bayes.ops import filter_math as fm
 
 from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel
 from .chunk_bwd import _dstate_kernel, _local_de_kernel, _local_kernel, _reset_local_keys_kernel, _square_kernel
-from .chunk_fwd import _v_block, bf16_dots, chunk_states, key_dots, launch_staged
+from .chunk_fwd import _v_block, bf16_dots, chunk_states, cov_split, key_dots, launch_staged
 
 
 def _dstate_launch(K, V, u_dots, q, wkeys):
@@ -60,6 +60,7 @@ def _dstate_launch(K, V, u_dots, q, wkeys):
 OWN_WARPS = {16: 8, 32: 4, 64: 8}     # C = 16 untried with 4
 KEYS_WARPS = {16: 8, 32: 4, 64: 8}
 COV_SWEEP_WARPS = 4
+COV_SWEEP_PER_SM = 1   # programs of _cov_sweep_kernel that fit on one SM (see chunk_fwd.cov_split)
 COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk_fwd.COV_STAGES)
 # The chunk-parallel value and reset kernels (chunk_bwd.py). Reset's square and key kernels: on
 # an H100 4 warps took them from 1.11 + 1.84 to 1.03 + 1.29 ms at (8, 4096, 6, 256, 512) and from
@@ -213,10 +214,13 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     else:
         dP_final = dP_final.float()
         dp_slots[final] = 0.5 * (dP_final + dP_final.transpose(-1, -2))
-    z = torch.empty(N * H, C, K, **f32)
-    _cov_sweep_kernel[(N * H,)](mid.u, Bf, k, q, g, G, dvar, plan.cu, plan.slot0, dp_slots, z, scale, H,
-                                K=K, BP=BKB, C=C, VAR=VAR, num_warps=COV_SWEEP_WARPS,
-                                num_stages=COV_SWEEP_STAGES)
+    NS = cov_split(K, BKB, N * H, q.device, COV_SWEEP_PER_SM)
+    z = torch.empty(N * H * 2, C, K, **f32)
+    sync = torch.zeros(1 + N * H, dtype=torch.int32, device=q.device)
+    shares = torch.empty(N * H * 2 * NS, C, C, **f32) if NS > 1 else z
+    _cov_sweep_kernel[(N * H * NS,)](mid.u, Bf, k, q, g, G, dvar, plan.cu, plan.slot0, dp_slots, z, shares, sync,
+                                     scale, H, K=K, BP=BKB, C=C, VAR=VAR, NS=NS, num_warps=COV_SWEEP_WARPS,
+                                     num_stages=COV_SWEEP_STAGES)
     dP0 = dp_slots[plan.slot0.long()]
     dq, dk, dg, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g), torch.empty_like(beta)
     dnoise = torch.empty_like(noise)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .chunk_bwd import _reverse_cumsum
-from .chunk_fwd import _chunk_decays, _chunk_tokens, _last_row, _mm
+from .chunk_fwd import _chunk_decays, _chunk_tokens, _group_barrier, _last_row, _mm, _split_program
 
 
 @triton.jit
@@ -154,7 +154,8 @@ def _bayes_own_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, l_ptr, gs_ptr
 
 @triton.jit
 def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_ptr, slot_ptr, dp_ptr, z_ptr,
-                      scale, H, K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, VAR: tl.constexpr):
+                      part_ptr, sync_ptr, scale, H, K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
+                      VAR: tl.constexpr, NS: tl.constexpr):
     """The covariance adjoint sweep for one (document, head): dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i.
 
     dp_ptr holds dP in state slots [n_slots, H, K, K]: the document's last slot holds sym(dP_final)
@@ -163,17 +164,23 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
         Φᵀ dP Φ = Γ_C² dP − Γ_C (Bᵀ Z + Zᵀ B) + Bᵀ W B,
     one pass over dP's tiles for Z and W, then one writing every tile of dP_i. The own terms
     come as factors (step 6 of the module docstring), symmetrised as P is in the forward:
-        sym(K̃ᵀ G) + scale² Q̃ᵀ diag(dvar) Q̃."""
-    pid = tl.program_id(0)
-    n, h = pid // H, pid % H
+        sym(K̃ᵀ G) + scale² Q̃ᵀ diag(dvar) Q̃.
+    Split as the forward's sweep (chunk_fwd.cov_split): part p forms dP's column tiles p, p + NS,
+    ... of Z and of dP_i, and its share of W; one group barrier per chunk sums W and completes Z.
+    Z and the shares alternate between two buffers by chunk, so a part that runs ahead into the
+    next chunk does not overwrite what a slower part still reads."""
+    group, part = _split_program(sync_ptr, NS)
+    n, h = group // H, group % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
     slot0 = tl.load(slot_ptr + n)
     idx = tl.arange(0, C)
     pp = tl.arange(0, BP)
-    z_base = z_ptr + pid.to(tl.int64) * C * K
+    cc = idx[:, None] * C + idx[None, :]
+    count_ptr = sync_ptr + 1 + group
     n_chunks = tl.cdiv(eos - bos, C)
     for j in range(n_chunks):
         i = n_chunks - 1 - j
+        z_base = z_ptr + ((group * 2 + j % 2) * C).to(tl.int64) * K
         rows = bos + i * C + idx
         valid = rows < eos
         tok = rows * H + h
@@ -185,7 +192,7 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
         if VAR:
             dv = scale * scale * tl.load(dvar_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         W = tl.zeros([C, C], dtype=tl.float32)
-        for jb in range(0, K, BP):
+        for jb in range(part * BP, K, NS * BP):
             cols = jb + pp
             cmask = cols < K
             Z = tl.zeros([C, BP], dtype=tl.float32)
@@ -198,18 +205,27 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
             tl.store(z_base + idx[:, None] * K + cols[None, :], Z, mask=cmask[None, :])
             U_j = tl.load(u_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
             W += tl.dot(Z, tl.trans(U_j))
-        tl.debug_barrier()                                     # Z read back by other threads
+        if NS > 1:
+            shares = part_ptr + ((group * 2 + j % 2) * NS) * C * C
+            tl.store(shares + part * C * C + cc, W)
+            _group_barrier(count_ptr, NS * (j + 1))            # every part's Z and share of W stored
+            W = tl.zeros([C, C], dtype=tl.float32)
+            for p in range(NS):
+                W += tl.load(shares + p * C * C + cc, cache_modifier=".cg")
+        else:
+            tl.debug_barrier()                                 # Z read back by other threads
         for ib in range(0, K, BP):
             r_idx = ib + pp
             rmask = r_idx < K
             imask = valid[:, None] & rmask[None, :]
             i_off = tok[:, None] * K + r_idx[None, :]
             B_i = tl.load(b_ptr + i_off, mask=imask, other=0.0)
-            Z_i = tl.load(z_base + idx[:, None] * K + r_idx[None, :], mask=rmask[None, :], other=0.0)
+            Z_i = tl.load(z_base + idx[:, None] * K + r_idx[None, :], mask=rmask[None, :], other=0.0,
+                          cache_modifier=".cg")
             kt_i = tl.load(k_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
             G_i = tl.load(gfac_ptr + i_off, mask=imask, other=0.0)
             BW = tl.dot(tl.trans(B_i), W)                      # [BP, C]
-            for jb in range(0, K, BP):
+            for jb in range(part * BP, K, NS * BP):
                 cols = jb + pp
                 cmask = cols < K
                 jmask = valid[:, None] & cmask[None, :]
@@ -230,7 +246,7 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
                         - gamma_C * (tl.dot(tl.trans(B_i), Z_j) + tl.dot(tl.trans(Z_i), B_j))
                         + tl.dot(BW, B_j) + own)
                 tl.store(dst + tile_off, tile, mask=tile_mask)
-        tl.debug_barrier()                                     # the next chunk reads dP_i and Z
+        tl.debug_barrier()                                     # the next chunk reads dP_i
 
 
 @triton.jit

@@ -136,26 +136,59 @@ def _unit_lower_inverse(A, C: tl.constexpr):
 
 
 @triton.jit
+def _split_program(sync_ptr, NS: tl.constexpr):
+    """(group, part) of this program: group = its (document, head), part = which of the group's NS
+    programs it is (see COV_SPLIT). With NS > 1 the number comes from a ticket counter instead of
+    the program id, so a program starts only after every lower-numbered one has started: the
+    programs a group waits for are then running or about to, whatever order the GPU launches
+    them in, and the group barrier cannot wait forever."""
+    if NS > 1:
+        pid = tl.atomic_add(sync_ptr, 1)
+    else:
+        pid = tl.program_id(0)
+    return pid // NS, pid % NS
+
+
+@triton.jit
+def _group_barrier(count_ptr, arrivals):
+    """Wait until the group's counter reaches `arrivals` (each of its programs adds 1 per barrier).
+    The first debug_barrier makes every thread's stores precede the release; the acquire and the
+    second one make the other programs' stores visible to every thread (loads of them bypass L1)."""
+    tl.debug_barrier()
+    seen = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    while seen < arrivals:
+        seen = tl.atomic_add(count_ptr, 0, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
 def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr,
-                      u_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, f_ptr, vpri_ptr, H,
+                      u_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, f_ptr, vpri_ptr, part_ptr, sync_ptr, H,
                       K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
                       R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr,
-                      U_COPY: tl.constexpr):
-    """The covariance sweep of one (document, head). L⁻¹, L and w are stored unpacked for the
-    other kernels, and packed for the backward in f: one C × C block per chunk holding L below
-    the diagonal, L⁻¹ transposed above it and w on it (both factors are unit lower
-    triangular). GIVEN_FACTORS (the backward's rerun): the factors are unpacked from f, so only
-    X, U and P are formed again, not S and its LDLᵀ (the serial elimination is most of a
-    chunk's time).
+                      U_COPY: tl.constexpr, NS: tl.constexpr):
+    """The covariance sweep of one (document, head), by NS programs (COV_SPLIT). L⁻¹, L and w
+    are stored unpacked for the other kernels, and packed for the backward in f: one C × C block
+    per chunk holding L below the diagonal, L⁻¹ transposed above it and w on it (both factors
+    are unit lower triangular). GIVEN_FACTORS (the backward's rerun): the factors are unpacked
+    from f, so only X, U and P are formed again, not S and its LDLᵀ (the serial elimination is
+    most of a chunk's time).
     U_COPY: U also goes to ud in that tensor's dtype (the keys' 16-bit one), for the value
-    kernels' products."""
-    pid = tl.program_id(0)
-    n, h = pid // H, pid % H
+    kernels' products.
+    Split: part p of the group owns P's column tiles p, p + NS, ...: it forms those columns of
+    K̃ P0, X and U, its share of S (summed through part_ptr at a group barrier: every part then
+    factorises the same S), and, after a second barrier (U complete), those columns of P_C."""
+    group, part = _split_program(sync_ptr, NS)
+    n, h = group // H, group % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
     slot0 = tl.load(slot_ptr + n)
     idx = tl.arange(0, C)
     pp = tl.arange(0, BP)
-    x_base = x_ptr + pid * C * K          # this program's scratch for X = diag(Γ²) K P0 + diag(d) K
+    cc = idx[:, None] * C + idx[None, :]
+    x_base = x_ptr + group * C * K        # scratch for X = diag(Γ²) K P0 + diag(d) K
+    count_ptr = sync_ptr + 1 + group
+    part_base = part_ptr + group * NS * (2 * C * C + 2 * C)
+    arrivals = 0
     for i in range(tl.cdiv(eos - bos, C)):
         rows = bos + i * C + idx
         valid = rows < eos
@@ -175,7 +208,7 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         # they spilled).
         S = tl.zeros([C, C], dtype=tl.float32)
         KK = tl.zeros([C, C], dtype=tl.float32)
-        for jb in range(0, K, BP):
+        for jb in range(part * BP, K, NS * BP):
             cols = jb + pp
             cmask = cols < K
             kP = tl.zeros([C, BP], dtype=tl.float32)           # block of K̃ P0
@@ -200,7 +233,35 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
                 q_blk = tl.load(q_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
                 q_P_q += tl.sum(qP * q_blk, 1)
                 q_sq += tl.sum(q_blk * q_blk, 1)
+        if NS > 1:
+            if (not GIVEN_FACTORS) or WITH_VARIANCE:
+                # Sum the parts' shares in one fixed order, so every part factorises the same S.
+                # One buffer serves every chunk: no part writes chunk i + 1's share before all
+                # have passed chunk i's second barrier, after their last read of it.
+                own = part_base + part * (2 * C * C + 2 * C)
+                if not GIVEN_FACTORS:
+                    tl.store(own + cc, S)
+                    tl.store(own + C * C + cc, KK)
+                if WITH_VARIANCE:
+                    tl.store(own + 2 * C * C + idx, q_P_q)
+                    tl.store(own + 2 * C * C + C + idx, q_sq)
+                arrivals += NS
+                _group_barrier(count_ptr, arrivals)
+                S = tl.zeros([C, C], dtype=tl.float32)
+                KK = tl.zeros([C, C], dtype=tl.float32)
+                if WITH_VARIANCE:
+                    q_P_q = tl.zeros([C], dtype=tl.float32)
+                    q_sq = tl.zeros([C], dtype=tl.float32)
+                for p in range(NS):
+                    share = part_base + p * (2 * C * C + 2 * C)
+                    if not GIVEN_FACTORS:
+                        S += tl.load(share + cc, cache_modifier=".cg")
+                        KK += tl.load(share + C * C + cc, cache_modifier=".cg")
+                    if WITH_VARIANCE:
+                        q_P_q += tl.load(share + 2 * C * C + idx, cache_modifier=".cg")
+                        q_sq += tl.load(share + 2 * C * C + C + idx, cache_modifier=".cg")
         eye = idx[:, None] == idx[None, :]
+        first = valid & (tl.zeros([C], dtype=tl.int32) + part == 0)     # the factors are stored by part 0
         if GIVEN_FACTORS:
             F = tl.load(f_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
             Linv = tl.where(idx[:, None] > idx[None, :], tl.trans(F), tl.where(eye, 1.0, 0.0))
@@ -215,16 +276,16 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
             Linv, D, L = _ldl_inverse(S, C)
             w = 1.0 / D
             F = tl.where(idx[:, None] > idx[None, :], L, tl.where(eye, w[:, None], tl.trans(Linv)))
-            tl.store(f_ptr + tok[:, None] * C + idx[None, :], F, mask=valid[:, None])
-        tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=valid[:, None])
-        tl.store(l_ptr + tok[:, None] * C + idx[None, :], L, mask=valid[:, None])
-        tl.store(w_ptr + tok, w, mask=valid)
+            tl.store(f_ptr + tok[:, None] * C + idx[None, :], F, mask=first[:, None])
+        tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=first[:, None])
+        tl.store(l_ptr + tok[:, None] * C + idx[None, :], L, mask=first[:, None])
+        tl.store(w_ptr + tok, w, mask=first)
         if WITH_VARIANCE:
-            tl.store(vpri_ptr + tok, gamma * gamma * q_P_q + d * q_sq, mask=valid)
+            tl.store(vpri_ptr + tok, gamma * gamma * q_P_q + d * q_sq, mask=first)
         tl.debug_barrier()                                     # X scratch written by all threads
         # U = (L ∘ Λ)⁻¹ X and (L ∘ Λ)⁻¹ = L⁻¹ ∘ Λ (a diagonal similarity by Γ).
         M_inv = Linv * decay
-        for jb in range(0, K, BP):
+        for jb in range(part * BP, K, NS * BP):
             cols = jb + pp
             cmask = cols < K
             X = tl.load(x_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
@@ -233,41 +294,70 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
             if U_COPY:
                 tl.store(ud_ptr + tok[:, None] * K + cols[None, :], U_blk.to(ud_ptr.dtype.element_ty),
                          mask=valid[:, None] & cmask[None, :])
-        tl.debug_barrier()                                     # U read back by other threads
-        _update_covariance(u_ptr, p_base, p_base + H * K * K, tok, valid, lg, decay, d, w, K, BP, C)
+        if NS > 1:
+            arrivals += NS
+            _group_barrier(count_ptr, arrivals)                # every part's columns of U stored
+        else:
+            tl.debug_barrier()                                 # U read back by other threads
+        _update_covariance(u_ptr, p_base, p_base + H * K * K, tok, valid, lg, decay, d, w, part, K, BP, C, NS)
         tl.debug_barrier()                                     # next chunk reads the new P
 
 
 @triton.jit
-def _update_covariance(u_ptr, p_old, p_new, tok, valid, lg, decay, d, w, K: tl.constexpr, BP: tl.constexpr,
-                       C: tl.constexpr):
-    """P_C = Γ_C² P0 + d_C I − Uᵀ diag(Λ_C·² w) U, tile by tile.
+def _covariance_tile(u_ptr, p_old, tok, valid, a, b, weight, gamma_C, d_C, K: tl.constexpr, BP: tl.constexpr):
+    """Tile (a, b) of P_C = Γ_C² P0 + d_C I − Uᵀ diag(weight) U, for a ≤ b (both tile offsets)."""
+    pp = tl.arange(0, BP)
+    r_idx = a + pp
+    c_idx = b + pp
+    rmask = r_idx < K
+    cmask = c_idx < K
+    U_a = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0,
+                  cache_modifier=".cg")
+    U_b = tl.load(u_ptr + tok[:, None] * K + c_idx[None, :], mask=valid[:, None] & cmask[None, :], other=0.0,
+                  cache_modifier=".cg")
+    P0 = tl.load(p_old + r_idx[:, None] * K + c_idx[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0,
+                 cache_modifier=".cg")
+    tile = gamma_C * gamma_C * P0 - tl.dot(tl.trans(U_a * weight[:, None]), U_b)
+    tile += tl.where(r_idx[:, None] == c_idx[None, :], d_C, 0.0)
+    if a == b:
+        tile = 0.5 * (tile + tl.trans(tile))
+    return tile
 
-    Only tiles on or above the diagonal are computed; each is written to both halves, so the
-    stored P is exactly symmetric (note §6) and stays so across chunks.
-    """
+
+@triton.jit
+def _update_covariance(u_ptr, p_old, p_new, tok, valid, lg, decay, d, w, part, K: tl.constexpr, BP: tl.constexpr,
+                       C: tl.constexpr, NS: tl.constexpr):
+    """P_C = Γ_C² P0 + d_C I − Uᵀ diag(Λ_C·² w) U, tile by tile, stored exactly symmetric (note §6),
+    so it stays so across chunks: every tile is computed as the tile (a, b) with a ≤ b and written
+    to (a, b) and, transposed, to (b, a), by the same code in whichever part writes it.
+    NS = 1: the program computes the tiles on and above the diagonal and writes both places.
+    NS > 1: part p writes its own column tiles (all rows), each from its (a ≤ b) orientation."""
     idx = tl.arange(0, C)
     pp = tl.arange(0, BP)
     last = _last_row(decay, C)
     weight = last * last * w
     gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
     d_C = tl.sum(tl.where(idx == C - 1, d, 0.0), 0)
-    for ib in range(0, K, BP):
-        r_idx = ib + pp
-        rmask = r_idx < K
-        U_i = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
-        for jb in range(ib, K, BP):
-            c_idx = jb + pp
-            cmask = c_idx < K
-            U_j = tl.load(u_ptr + tok[:, None] * K + c_idx[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
-            tile_mask = rmask[:, None] & cmask[None, :]
-            P0 = tl.load(p_old + r_idx[:, None] * K + c_idx[None, :], mask=tile_mask, other=0.0)
-            tile = gamma_C * gamma_C * P0 - tl.dot(tl.trans(U_i * weight[:, None]), U_j)
-            tile += tl.where(r_idx[:, None] == c_idx[None, :], d_C, 0.0)
-            if ib == jb:
-                tile = 0.5 * (tile + tl.trans(tile))
-            tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile, mask=tile_mask)
-            tl.store(p_new + c_idx[None, :] * K + r_idx[:, None], tile, mask=tile_mask)
+    if NS == 1:
+        for ib in range(0, K, BP):
+            for jb in range(ib, K, BP):
+                tile = _covariance_tile(u_ptr, p_old, tok, valid, ib, jb, weight, gamma_C, d_C, K, BP)
+                r_idx = ib + pp
+                c_idx = jb + pp
+                tile_mask = (r_idx < K)[:, None] & (c_idx < K)[None, :]
+                tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile, mask=tile_mask)
+                tl.store(p_new + c_idx[None, :] * K + r_idx[:, None], tile, mask=tile_mask)
+    else:
+        for jb in range(part * BP, K, NS * BP):
+            for ib in range(0, K, BP):
+                tile = _covariance_tile(u_ptr, p_old, tok, valid, tl.minimum(ib, jb), tl.maximum(ib, jb), weight,
+                                        gamma_C, d_C, K, BP)
+                if ib > jb:
+                    tile = tl.trans(tile)
+                r_idx = ib + pp
+                c_idx = jb + pp
+                tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile,
+                         mask=(r_idx < K)[:, None] & (c_idx < K)[None, :])
 
 
 @triton.jit
@@ -592,6 +682,10 @@ COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 8, 4, 2, 2
 # keeping whole [16, K] key blocks in registers spilled: 5.3 ms at K = 256 with 2 warps).
 RESET_SYSTEM_BLOCKED, RESET_BLOCKED_WARPS = 1, 1
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
+# The most programs that share one (document, head)'s covariance sweeps (cov_split), each
+# owning some column tiles of P and meeting the others at two barriers per chunk.
+COV_SPLIT = 4
+COV_PER_SM = 1      # programs of _bayes_cov_kernel that fit on one SM (its registers at COV_WARPS)
 # Software pipelining of the covariance sweep's tile loops (loads of the next [BP, BP] tile of P
 # issued during the current product). 2 was slower on an H100: 13.0 → 15.2 ms fwd + rerun at
 # (8, 4096, 6, 256, 512); the backward's sweep (backward.COV_SWEEP_STAGES) 9.3 → 13.5.
@@ -619,6 +713,22 @@ MEAN_UPDATE_16 = 1
 E_16 = 1
 # The h-loop's V block and warps with the bf16 update at K > 128 (_mean_launch).
 MEAN_WIDE_BV, MEAN_WIDE_WARPS = 64, 8
+
+
+def cov_split(K, BP, groups, device, per_sm):
+    """How many programs share one (document, head)'s covariance sweep (NS of _bayes_cov_kernel
+    and of the backward's sweep): the most, up to COV_SPLIT and one per column tile of P, that
+    keep every program of the launch resident at once, per_sm of them on each SM (a second wave
+    would wait for the first to finish its whole sweep). 1 in Triton's interpreter, which runs
+    programs one after another, so a program waiting at a group barrier would wait forever."""
+    device = torch.device(device)
+    if device.type != "cuda" or _interpreting():
+        return 1
+    slots = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while 2 * split <= min(COV_SPLIT, triton.cdiv(K, BP)) and 2 * split * groups <= slots:
+        split *= 2
+    return split
 
 
 def key_dots(k):
@@ -774,13 +884,17 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         l_factor, w = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, **f32)
         packed = torch.empty(n_tok, H, C, **f32) if factors is None else factors
         vpri = torch.empty(n_tok, H, **f32) if output_variance else None
-        scratch = torch.empty(plan.n_docs * H, C, K, **f32)
+        groups = plan.n_docs * H
+        scratch = torch.empty(groups, C, K, **f32)
         BP = min(BK, COV_BLOCK)
-        _bayes_cov_kernel[(plan.n_docs * H,)](
+        NS = cov_split(K, BP, groups, dev, COV_PER_SM)
+        sync = torch.zeros(1 + groups, dtype=torch.int32, device=dev)
+        shares = torch.empty(groups * NS * (2 * C * C + 2 * C), **f32) if NS > 1 else w
+        _bayes_cov_kernel[(groups * NS,)](
             k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, u_dots, linv, l_factor, w, packed,
-            vpri if vpri is not None else w, H,
+            vpri if vpri is not None else w, shares, sync, H,
             K=K, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
-            GIVEN_FACTORS=factors is not None, U_COPY=u_copy, num_warps=COV_WARPS, num_stages=COV_STAGES)
+            GIVEN_FACTORS=factors is not None, U_COPY=u_copy, NS=NS, num_warps=COV_WARPS, num_stages=COV_STAGES)
     else:
         if reset_linv_given:
             pass                                # the forward's L⁻¹, taken above
