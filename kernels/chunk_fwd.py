@@ -10,8 +10,9 @@ the belief at the start of its chunk i and the last one the final belief. The me
 and the last h slot of a document stays unused.
 
 Passes (all fp32 state math; the matrix products run on tensor cores, TF32 for fp32 operands):
-  1. bayes: `_bayes_cov_kernel`, one program per (document, head), sweeps the chunks carrying
-     P (in its slots, global memory: it fits L2 and serves K up to 256 with one code path).
+  1. bayes: `_bayes_cov_kernel`, one program per (document, head) or a few sharing its column
+     tiles (cov_split), sweeps the chunks carrying P (in its slots, global memory: it fits L2
+     and serves K up to 256 with one code path).
      Per chunk it builds S, factorises S = L D Lᵀ, and stores L⁻¹, w = 1/D, the write
      directions U and the prior part of the predictive variance.
      reset: `_reset_system_blocked_kernel` (chunks of 32 and 64; `_reset_system_kernel` for 16),
@@ -675,7 +676,10 @@ def _to_device(host, device):
 # on an H100 (0.89 → 0.82 at H = 8, K = 128; 1 warp: 1.20 and 0.87). Whitening with 2 warps:
 # 0.30 → 0.25 ms per call at (8, 4096, 6, 256, 512) with bf16 innovations (8 warps: 0.33); its
 # fp32 products then sum in another order, which moved reset's outputs by 1.5e-5 relative.
-COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 8, 4, 2, 2
+# The covariance sweep with 4 warps once split (cov_split): on an H100, bayes' covariance kernel
+# (fwd + rerun) 5.40 → 4.70 ms at (8, 4096, 8, 128, 128) against 8 warps; at (8, 4096, 6, 256,
+# 512) 9.68 → 8.43 with 4 warps and two programs per SM (so split 4 ways instead of 2).
+COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 4, 4, 2, 2
 # reset's system inverse by 16-row blocks (_reset_system_blocked_kernel) at chunk sizes 32 and
 # 64, else row by row. On an H100 at C = 64 it took 0.52 ms at (8, 4096, 6, 256) and 0.38 at
 # (8, 4096, 8, 128) against the row-by-row 0.61 and 0.83, with 1 warp (2 warps: 0.83 / 0.39;
@@ -683,9 +687,13 @@ COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 8, 4, 2, 2
 RESET_SYSTEM_BLOCKED, RESET_BLOCKED_WARPS = 1, 1
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
 # The most programs that share one (document, head)'s covariance sweeps (cov_split), each
-# owning some column tiles of P and meeting the others at two barriers per chunk.
+# owning some column tiles of P and meeting the others at two barriers per chunk (the backward's
+# at one). On an H100 (one run, bayes fwd+bwd): 40.8 → 34.2 ms at (8, 4096, 6, 256, 512) (split
+# 2 ways; the covariance kernel 12.9 → 9.7 ms, the backward's sweep 9.2 → 5.5), 18.9 → 17.2 at
+# (8, 4096, 8, 128, 128), 29.0 → 17.7 at (2, 4096, 6, 256, 512) (4 ways). Outputs move ~5e-5
+# (S is summed from the parts' shares in another order); P stays exactly symmetric.
 COV_SPLIT = 4
-COV_PER_SM = 1      # programs of _bayes_cov_kernel that fit on one SM (its registers at COV_WARPS)
+COV_PER_SM = 2      # programs of _bayes_cov_kernel resident on one SM (registers at COV_WARPS = 4)
 # Software pipelining of the covariance sweep's tile loops (loads of the next [BP, BP] tile of P
 # issued during the current product). 2 was slower on an H100: 13.0 → 15.2 ms fwd + rerun at
 # (8, 4096, 6, 256, 512); the backward's sweep (backward.COV_SWEEP_STAGES) 9.3 → 13.5.
