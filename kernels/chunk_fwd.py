@@ -262,7 +262,9 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
                         q_P_q += tl.load(share + 2 * C * C + idx, cache_modifier=".cg")
                         q_sq += tl.load(share + 2 * C * C + C + idx, cache_modifier=".cg")
         eye = idx[:, None] == idx[None, :]
-        first = valid & (tl.zeros([C], dtype=tl.int32) + part == 0)     # the factors are stored by part 0
+        # The factors are stored by part 0 alone. part is broadcast to [C] first: the interpreter
+        # refuses a mask built from a scalar comparison ("mask has unsupported dtype").
+        first = valid & (tl.zeros([C], dtype=tl.int32) + part == 0)
         if GIVEN_FACTORS:
             F = tl.load(f_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
             Linv = tl.where(idx[:, None] > idx[None, :], tl.trans(F), tl.where(eye, 1.0, 0.0))
