@@ -30,7 +30,7 @@ import triton
 
 from titan_bayes.ops import filter_math as fm
 
-from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel
+from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel, _keys_dp_kernel, _keys_fp_kernel
 from .chunk_bwd import _dstate_kernel, _local_de_kernel, _local_kernel, _reset_local_keys_kernel, _square_kernel
 from .chunk_fwd import _v_block, bf16_dots, chunk_states, cov_split, key_dots, launch_staged
 
@@ -59,6 +59,7 @@ def _dstate_launch(K, V, u_dots, q, wkeys):
 # 2.75 against 11.49 and 3.29).
 OWN_WARPS = {16: 8, 32: 4, 64: 8}     # C = 16 untried with 4
 KEYS_WARPS = {16: 8, 32: 4, 64: 8}
+KEYS_TILE_WARPS = 4   # _keys_dp_kernel and _keys_fp_kernel, one K column block each
 COV_SWEEP_WARPS = 4
 # Programs of _cov_sweep_kernel resident on one SM (chunk_fwd.cov_split): 2 at 4 warps let
 # (8, 4096, 6, 256, 512) split 4 ways, 5.43 → 5.09 ms on an H100.
@@ -192,10 +193,10 @@ def _reset_keys(q, k, g, beta, d_out, mid, sums, plan, scale, C):
 
 
 def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
-    """dq, dk, dg, dbeta, dnoise and dP0 of bayes, in three launches (bayes_keys.py): each
-    chunk's own terms in its start covariance P_i (as rank-2C factors), the covariance sweep
-    dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i over the chunks of every document, and every chunk's input
-    gradients given the adjoint of its end covariance."""
+    """dq, dk, dg, dbeta, dnoise and dP0 of bayes (bayes_keys.py): each chunk's own terms in its
+    start covariance P_i (as rank-2C factors), the covariance sweep dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i
+    over the chunks of every document, and every chunk's input gradients given the adjoint of its
+    end covariance (three launches: the products with D̄, the C × C algebra, the products with P)."""
     q, k, v, g, beta, noise = inputs
     B, T, H, K = q.shape
     n_tok, N = B * T, plan.n_docs
@@ -224,14 +225,24 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
                                      scale, H, K=K, BP=BKB, C=C, VAR=VAR, NS=NS, num_warps=COV_SWEEP_WARPS,
                                      num_stages=COV_SWEEP_STAGES)
     dP0 = dp_slots[plan.slot0.long()]
-    dq, dk, dg, dbeta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g), torch.empty_like(beta)
-    dnoise = torch.empty_like(noise)
+    dq, dk, dbeta, dnoise = torch.empty_like(q), torch.empty_like(k), torch.empty_like(beta), torch.empty_like(noise)
     Zs, F = G, Bf                                             # scratch, free again after the sweep
     kpart = torch.empty(n_tok, H, K, **f32)
+    Y = torch.empty(n_tok, H, C, **f32)
+    n_kb = triton.cdiv(K, BKB)
+    pd, tr = torch.empty(2, n_kb, plan.n_chunks, H, **f32)
+    dg_parts = torch.empty(n_kb + 1, B, T, H, **f32)          # K blocks' shares, then the chunk's own
+    grid_kb = (n_kb, plan.n_chunks, H)
+    launch_staged(_keys_dp_kernel, grid_kb, mid.u, mid.p_slots, dp_slots, plan.chunks, plan.cu, plan.slot0,
+                  Zs, pd, tr, H, plan.n_chunks * H, K=K, BKB=BKB, C=C,
+                  num_warps=KEYS_TILE_WARPS, num_stages=KEYS_STAGES)
     launch_staged(
         _bayes_keys_kernel, grid_cc,
         q, k, g, beta, noise, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],
-        sums["dKt"], sums["dgc"], dvar, mid.p_slots, dp_slots, plan.chunks, plan.cu, plan.slot0,
-        Zs, F, kpart, dq, dk, dg, dbeta, dnoise, scale, H,
+        sums["dKt"], sums["dgc"], dvar, Zs, pd, tr, plan.chunks, plan.cu, F, kpart, Y, dbeta, dnoise,
+        dg_parts[n_kb], scale, H, plan.n_chunks * H,
         K=K, BKB=BKB, C=C, R_MIN=fm.R_MIN, VAR=VAR, num_warps=KEYS_WARPS[C], num_stages=KEYS_STAGES)
-    return dq, dk, dg, dbeta, dnoise, dP0
+    launch_staged(_keys_fp_kernel, grid_kb, q, k, g, noise, mid.u, sums["dQS"], dvar, mid.p_slots, F, kpart, Y,
+                  plan.chunks, plan.cu, plan.slot0, dq, dk, dg_parts, scale, H, n_tok * H,
+                  K=K, BKB=BKB, C=C, VAR=VAR, num_warps=KEYS_TILE_WARPS, num_stages=KEYS_STAGES)
+    return dq, dk, dg_parts.sum(0).to(g.dtype), dbeta, dnoise, dP0
