@@ -73,12 +73,13 @@ RESET_SQUARE_WARPS, RESET_KEYS_WARPS = 4, 4
 # The reverse state sweep's V block and warps with 16-bit U at K > 128 (_dstate_launch).
 DSTATE_WIDE_BV, DSTATE_WIDE_WARPS = 32, 4
 # Software pipelining (chunk_fwd.launch_staged takes 1 stage where shared memory is short). On an
-# H100, against 1 stage, outputs and gradients equal to 4e-7: the key kernels' tile loops with 2,
-# bayes' input gradients 7.74 → 7.32 ms at (8, 4096, 6, 256, 512), 4.65 → 4.49 at (8, 4096, 8,
-# 128, 128) (own terms equal); the reverse state sweep's chunk loop with 2: bayes 2.57 → 1.45
+# H100, against 1 stage, outputs and gradients equal to 4e-7: bayes' key kernels with 1 since their
+# input-gradient pass became three kernels (2 had helped the single one, 7.74 → 7.32 ms): fwd+bwd
+# 12.33 → 12.06 ms at (8, 4096, 8, 128, 128), 26.60 / 26.49 at (8, 4096, 6, 256, 512); the
+# reverse state sweep's chunk loop with 2: bayes 2.57 → 1.45
 # and 0.65 → 0.52 ms; reset, once Ma dO left the sweep (_local_de_kernel), 0.43 → 0.39 ms at
 # K = 128 and, with (32, 4), 2.13 → 1.52 at K = 256.
-KEYS_STAGES = 2
+KEYS_STAGES = 1
 DSTATE_STAGES = 2
 # The reverse sweep's two transposed products on bf16 tensor cores (chunk_fwd.bf16_dots), at
 # K > 128 only: on an H100 at (8, 4096, 6, 256, 512) 3.2–3.5 → 2.4 ms with V blocks of 64 and

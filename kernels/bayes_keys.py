@@ -219,37 +219,39 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
                 W += tl.load(shares + p * C * C + cc, cache_modifier=".cg")
         else:
             tl.debug_barrier()                                 # Z read back by other threads
-        for ib in range(0, K, BP):
-            r_idx = ib + pp
-            rmask = r_idx < K
-            imask = valid[:, None] & rmask[None, :]
-            i_off = tok[:, None] * K + r_idx[None, :]
-            B_i = tl.load(b_ptr + i_off, mask=imask, other=0.0)
-            Z_i = tl.load(z_base + idx[:, None] * K + r_idx[None, :], mask=rmask[None, :], other=0.0,
-                          cache_modifier=".cg")
-            kt_i = tl.load(k_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
-            G_i = tl.load(gfac_ptr + i_off, mask=imask, other=0.0)
-            BW = tl.dot(tl.trans(B_i), W)                      # [BP, C]
-            for jb in range(part * BP, K, NS * BP):
-                cols = jb + pp
-                cmask = cols < K
-                jmask = valid[:, None] & cmask[None, :]
-                j_off = tok[:, None] * K + cols[None, :]
+        # Tile (i, j) of Φᵀ dP Φ − Γ_C² dP = −Γ_C B_iᵀ Z_j + (Wᵀ B_i − Γ_C Z_i)ᵀ B_j: two products of
+        # [BP, C] by [C, BP]. The column loop is outside, so an own column's loads happen once.
+        for jb in range(part * BP, K, NS * BP):
+            cols = jb + pp
+            cmask = cols < K
+            jmask = valid[:, None] & cmask[None, :]
+            j_off = tok[:, None] * K + cols[None, :]
+            B_j = tl.load(b_ptr + j_off, mask=jmask, other=0.0)
+            Z_j = tl.load(z_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
+            kt_j = tl.load(k_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * gamma[:, None]
+            G_j = tl.load(gfac_ptr + j_off, mask=jmask, other=0.0)
+            if VAR:
+                qt_j = tl.load(q_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * (gamma * dv)[:, None]
+            for ib in range(0, K, BP):
+                r_idx = ib + pp
+                rmask = r_idx < K
+                imask = valid[:, None] & rmask[None, :]
+                i_off = tok[:, None] * K + r_idx[None, :]
                 tile_off = r_idx[:, None] * K + cols[None, :]
                 tile_mask = rmask[:, None] & cmask[None, :]
-                B_j = tl.load(b_ptr + j_off, mask=jmask, other=0.0)
-                Z_j = tl.load(z_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
-                kt_j = tl.load(k_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * gamma[:, None]
-                G_j = tl.load(gfac_ptr + j_off, mask=jmask, other=0.0)
+                B_i = tl.load(b_ptr + i_off, mask=imask, other=0.0)
+                Z_i = tl.load(z_base + idx[:, None] * K + r_idx[None, :], mask=rmask[None, :], other=0.0,
+                              cache_modifier=".cg")
+                kt_i = tl.load(k_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
+                G_i = tl.load(gfac_ptr + i_off, mask=imask, other=0.0)
                 tile = tl.load(src + tile_off, mask=tile_mask, other=0.0)
+                WB_i = tl.dot(tl.trans(W), B_i) - gamma_C * Z_i                  # [C, BP]
                 own = 0.5 * (tl.dot(tl.trans(kt_i), G_j) + tl.dot(tl.trans(G_i), kt_j))
                 if VAR:
                     qt_i = tl.load(q_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
-                    qt_j = tl.load(q_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * gamma[:, None]
-                    own += tl.dot(tl.trans(qt_i), qt_j * dv[:, None])
-                tile = (gamma_C * gamma_C * tile
-                        - gamma_C * (tl.dot(tl.trans(B_i), Z_j) + tl.dot(tl.trans(Z_i), B_j))
-                        + tl.dot(BW, B_j) + own)
+                    own += tl.dot(tl.trans(qt_i), qt_j)
+                tile = (gamma_C * gamma_C * tile - gamma_C * tl.dot(tl.trans(B_i), Z_j)
+                        + tl.dot(tl.trans(WB_i), B_j) + own)
                 tl.store(dst + tile_off, tile, mask=tile_mask)
         tl.debug_barrier()                                     # the next chunk reads dP_i
 
