@@ -82,45 +82,77 @@ def _ldl_inverse(S, C: tl.constexpr):
     kernels need L and L⁻¹; recording L costs no reduction).
 
     The steps are serial and latency-bound (T of them per sequence, whatever the chunk size),
-    so each loop iteration takes two pivots from one read of S: rows j and j + 1, and row
-    j + 1 after step j formed from them. A [C, C] tile's rows are spread over warps, so a
-    column sum (one row of the tile) is the exchange between warps and a row sum (one column)
-    mostly stays inside a warp: m is taken from S's columns (equal to its rows, S is
-    symmetric) so that it comes out indexed by rows, and L⁻¹ is carried transposed, so that
-    its rows are columns of the carried tile. On an H100 (runs of one session) this took the
-    covariance kernel from 6.57 to 5.87 ms per fwd+bwd at (8, 4096, 8, 128, 128) and from 12.8
-    to 12.4 at (8, 4096, 6, 256, 512); the elimination alone had cost ~2.6 ms of either.
+    so each loop iteration takes four pivots from one read of S: rows j … j + 3 as they stand,
+    then each row brought up to date with the steps before it (`_eliminated`) from vectors
+    already in registers, and one update of S and L⁻¹ with all four. A [C, C] tile's rows are
+    spread over warps, so a column sum (one row of the tile) is the exchange between warps and
+    a row sum (one column) mostly stays inside a warp: m is taken from S's columns (equal to its
+    rows, S is symmetric) so that it comes out indexed by rows, and L⁻¹ is carried transposed,
+    so that its rows are columns of the carried tile. On an H100 (runs of one session) two
+    pivots per read took the covariance kernel from 6.57 to 5.87 ms per fwd+bwd at
+    (8, 4096, 8, 128, 128), and from 12.8 to 12.4 at (8, 4096, 6, 256, 512).
     """
     idx = tl.arange(0, C)
     eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
     LinvT, L = eye, eye
     D = tl.zeros([C], dtype=tl.float32)
-    for half in range(C // 2):
-        j = 2 * half
-        row0 = tl.sum(tl.where(idx[:, None] == j, S, 0.0), 0)
-        row1 = tl.sum(tl.where(idx[:, None] == j + 1, S, 0.0), 0)
-        col0 = tl.sum(tl.where(idx[None, :] == j, S, 0.0), 1)
-        col1 = tl.sum(tl.where(idx[None, :] == j + 1, S, 0.0), 1)
-        linv_row0 = tl.sum(tl.where(idx[None, :] == j, LinvT, 0.0), 1)
-        linv_row1 = tl.sum(tl.where(idx[None, :] == j + 1, LinvT, 0.0), 1)
-        a = tl.sum(tl.where(idx == j, row0, 0.0), 0)
-        b = tl.sum(tl.where(idx == j + 1, row0, 0.0), 0)
-        d = tl.sum(tl.where(idx == j + 1, row1, 0.0), 0)
-        # Step j (pivot a); its multiplier for row j + 1 is b / a.
-        m0 = tl.where(idx > j, col0 / a, 0.0)
-        m0_by_cols = tl.where(idx > j, row0 / a, 0.0)
-        # Row, column and pivot j + 1 after step j, then step j + 1.
-        row1 = row1 - (b / a) * row0
-        col1 = col1 - m0 * b
-        linv_row1 = linv_row1 - (b / a) * linv_row0
-        pivot1 = d - b * b / a
-        m1 = tl.where(idx > j + 1, col1 / pivot1, 0.0)
-        m1_by_cols = tl.where(idx > j + 1, row1 / pivot1, 0.0)
-        S = S - m0[:, None] * row0[None, :] - m1[:, None] * row1[None, :]
-        LinvT = LinvT - linv_row0[:, None] * m0_by_cols[None, :] - linv_row1[:, None] * m1_by_cols[None, :]
-        L = tl.where(idx[None, :] == j, L + m0[:, None], tl.where(idx[None, :] == j + 1, L + m1[:, None], L))
-        D = tl.where(idx == j, a, tl.where(idx == j + 1, pivot1, D))
+    for quad in range(C // 4):
+        j = 4 * quad
+        row0, col0, inv0 = _pivot_vectors(S, LinvT, idx, j)
+        row1, col1, inv1 = _pivot_vectors(S, LinvT, idx, j + 1)
+        row2, col2, inv2 = _pivot_vectors(S, LinvT, idx, j + 2)
+        row3, col3, inv3 = _pivot_vectors(S, LinvT, idx, j + 3)
+        piv0 = _entry(row0, idx, j)
+        m0, n0 = _multipliers(row0, col0, piv0, idx, j)
+        row1, col1, inv1 = _eliminated(row1, col1, inv1, row0, m0, inv0, _entry(row0, idx, j + 1), piv0)
+        row2, col2, inv2 = _eliminated(row2, col2, inv2, row0, m0, inv0, _entry(row0, idx, j + 2), piv0)
+        row3, col3, inv3 = _eliminated(row3, col3, inv3, row0, m0, inv0, _entry(row0, idx, j + 3), piv0)
+        piv1 = _entry(row1, idx, j + 1)
+        m1, n1 = _multipliers(row1, col1, piv1, idx, j + 1)
+        row2, col2, inv2 = _eliminated(row2, col2, inv2, row1, m1, inv1, _entry(row1, idx, j + 2), piv1)
+        row3, col3, inv3 = _eliminated(row3, col3, inv3, row1, m1, inv1, _entry(row1, idx, j + 3), piv1)
+        piv2 = _entry(row2, idx, j + 2)
+        m2, n2 = _multipliers(row2, col2, piv2, idx, j + 2)
+        row3, col3, inv3 = _eliminated(row3, col3, inv3, row2, m2, inv2, _entry(row2, idx, j + 3), piv2)
+        piv3 = _entry(row3, idx, j + 3)
+        m3, n3 = _multipliers(row3, col3, piv3, idx, j + 3)
+        S = (S - m0[:, None] * row0[None, :] - m1[:, None] * row1[None, :]
+             - m2[:, None] * row2[None, :] - m3[:, None] * row3[None, :])
+        LinvT = (LinvT - inv0[:, None] * n0[None, :] - inv1[:, None] * n1[None, :]
+                 - inv2[:, None] * n2[None, :] - inv3[:, None] * n3[None, :])
+        L += (tl.where(idx[None, :] == j, m0[:, None], 0.0) + tl.where(idx[None, :] == j + 1, m1[:, None], 0.0)
+              + tl.where(idx[None, :] == j + 2, m2[:, None], 0.0) + tl.where(idx[None, :] == j + 3, m3[:, None], 0.0))
+        D = tl.where(idx == j, piv0, tl.where(idx == j + 1, piv1, tl.where(idx == j + 2, piv2,
+                                                                             tl.where(idx == j + 3, piv3, D))))
     return tl.trans(LinvT), D, L
+
+
+@triton.jit
+def _pivot_vectors(S, LinvT, idx, j):
+    """Row j of S (indexed by columns), column j (indexed by rows) and row j of L⁻¹ (by rows)."""
+    row = tl.sum(tl.where(idx[:, None] == j, S, 0.0), 0)
+    col = tl.sum(tl.where(idx[None, :] == j, S, 0.0), 1)
+    inv = tl.sum(tl.where(idx[None, :] == j, LinvT, 0.0), 1)
+    return row, col, inv
+
+
+@triton.jit
+def _entry(vector, idx, j):
+    return tl.sum(tl.where(idx == j, vector, 0.0), 0)
+
+
+@triton.jit
+def _multipliers(row, col, pivot, idx, j):
+    """Step j's multipliers m_i = S_ij / S_jj (i > j), indexed by rows (from the column) and by
+    columns (from the row)."""
+    return tl.where(idx > j, col / pivot, 0.0), tl.where(idx > j, row / pivot, 0.0)
+
+
+@triton.jit
+def _eliminated(row, col, inv, pivot_row, m, pivot_inv, s, pivot):
+    """Row, column and L⁻¹ row of a later pivot after step j (pivot row j, multipliers m, and
+    s = S_j,later: the later row's multiplier is s / pivot)."""
+    return row - (s / pivot) * pivot_row, col - m * s, inv - (s / pivot) * pivot_inv
 
 
 @triton.jit
