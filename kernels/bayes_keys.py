@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from .chunk_bwd import _reverse_cumsum
-from .chunk_fwd import _chunk_decays, _chunk_tokens, _group_barrier, _last_row, _mm, _split_program
+from .chunk_fwd import _chunk_decays, _chunk_noise, _chunk_tokens, _group_barrier, _last_row, _mm, _split_program
 
 
 @triton.jit
@@ -355,8 +355,7 @@ def _bayes_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, noise_ptr, u_ptr, w_ptr, l
     rbar = tl.sum(tl.where(eye, Sb, 0.0), 1)
     dbeta = tl.where((1.0 - beta) / beta >= R_MIN, -rbar / (beta * beta), 0.0)
     tl.store(dbeta_ptr + tok, dbeta.to(dbeta_ptr.dtype.element_ty), mask=valid)
-    noise = tl.load(noise_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-    d = tl.sum(decay * decay * noise[None, :], 1)
+    noise, d = _chunk_noise(noise_ptr, tok, valid, decay)
     psi = decay * d[None, :]
     psi = psi + tl.trans(psi) - tl.where(eye, d[None, :], 0.0)
     # Ψ = lower + lowerᵀ − diag(d), lower_ts = Λ_ts d_s: Ψ̄ (symmetric) acts on lower twice off
@@ -444,8 +443,7 @@ def _keys_fp_kernel(q_ptr, k_ptr, g_ptr, noise_ptr, u_ptr, dqs_ptr, dvar_ptr, p_
     if VAR:
         # var_t ∋ scale² (Γ_t² q_tᵀ P q_t + d_t |q_t|²)
         qc = tl.load(q_ptr + off, mask=kmask, other=0.0).to(tl.float32)
-        noise = tl.load(noise_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-        d = tl.sum(decay * decay * noise[None, :], 1)
+        _, d = _chunk_noise(noise_ptr, tok, valid, decay)
         dv = scale * scale * tl.load(dvar_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         dq += (2.0 * dv)[:, None] * (gamma[:, None] * QP + d[:, None] * qc)
         lgb += 2.0 * dv * gamma * tl.sum(qc * QP, 1)

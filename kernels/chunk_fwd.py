@@ -53,6 +53,14 @@ def _chunk_decays(g_ptr, rows, valid, h, H, C: tl.constexpr):
 
 
 @triton.jit
+def _chunk_noise(noise_ptr, tok, valid, decay):
+    """The chunk's process noise q_t and d_t = Σ_j Λ_tj² q_j, the noise accumulated from token j's
+    step to token t (padded rows read q = 0)."""
+    noise = tl.load(noise_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    return noise, tl.sum(decay * decay * noise[None, :], 1)
+
+
+@triton.jit
 def _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C: tl.constexpr):
     """Chunk c of the plan, head h: (its document n, its index i in that document, its C token
     rows of the packed stream, which rows lie inside the document, and the rows' offsets
@@ -228,8 +236,7 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         tok = rows * H + h
         lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
         gamma = tl.exp(lg)
-        noise = tl.load(noise_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-        d = tl.sum(decay * decay * noise[None, :], 1)          # d_t = Σ_j Λ_tj² q_j
+        _, d = _chunk_noise(noise_ptr, tok, valid, decay)
         beta = tl.load(beta_ptr + tok, mask=valid, other=0.5).to(tl.float32)
         r = tl.where(valid, tl.maximum((1.0 - beta) / beta, R_MIN), 1.0)
         if WITH_VARIANCE:
