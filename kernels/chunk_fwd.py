@@ -80,87 +80,148 @@ def _last_row(x, C: tl.constexpr):
 
 
 @triton.jit
-def _ldl_inverse(S, C: tl.constexpr):
-    """Gaussian elimination of the symmetric positive definite S without pivoting.
+def _ldl_inverse(S, scratch, C: tl.constexpr):
+    """S = L D Lᵀ (L unit lower triangular) of the symmetric positive definite C × C matrix S,
+    returned as (L⁻¹, D, L); scratch: the program's own 4·C² fp32.
+
+    By halves: with S = [[S11, S12], [S21, S22]] and S11 = L1 D1 L1ᵀ (_ldl_quads),
+    L21 = S21 L1⁻ᵀ D1⁻¹, and the Schur complement S22 − L21 D1 L21ᵀ = L2 D2 L2ᵀ; then
+    L⁻¹ = [[L1⁻¹, 0], [−L2⁻¹ L21 L1⁻¹, L2⁻¹]]. The pivots stay serial (C of them), but each step
+    works on a [C/2, C/2] tile, a quarter of the elements per thread, and the coupling is three
+    exact fp32 products (_mm). The halves pass through the scratch, which also holds the
+    halves' own scratch. On an H100, 128 chunks × 192 programs at C = 32: 12.5 µs per chunk
+    unblocked with register reductions, 10.5 with _ldl_quads on the whole tile, 7.2 by halves.
+    C = 16 takes _ldl_quads whole.
+    """
+    if C < 32:                      # halves of 8: too small for tl.dot
+        Linv, D, L = _ldl_quads(S, scratch, C)
+    else:
+        HB: tl.constexpr = C // 2
+        idx = tl.arange(0, C)
+        rows, cols = idx[:, None], idx[None, :]
+        h = tl.arange(0, HB)
+        hr, hc = h[:, None], h[None, :]
+        tl.store(scratch + rows * C + cols, S)
+        tl.debug_barrier()
+        S11 = tl.load(scratch + hr * C + hc)
+        S21 = tl.load(scratch + (HB + hr) * C + hc)
+        S22 = tl.load(scratch + (HB + hr) * C + HB + hc)
+        halves = scratch + 3 * C * C
+        Linv1, D1, L1 = _ldl_quads(S11, halves, HB)
+        W = _mm(S21, tl.trans(Linv1))                        # S21 L1⁻ᵀ = L21 D1
+        L21 = W * (1.0 / D1)[None, :]
+        Linv2, D2, L2 = _ldl_quads(S22 - _mm(L21, tl.trans(W)), halves, HB)
+        Linv21 = -_mm(_mm(Linv2, L21), Linv1)
+        linv_out, l_out = scratch + C * C, scratch + 2 * C * C
+        tl.store(linv_out + hr * C + hc, Linv1)
+        tl.store(linv_out + (HB + hr) * C + hc, Linv21)
+        tl.store(linv_out + (HB + hr) * C + HB + hc, Linv2)
+        tl.store(l_out + hr * C + hc, L1)
+        tl.store(l_out + (HB + hr) * C + hc, L21)
+        tl.store(l_out + (HB + hr) * C + HB + hc, L2)
+        tl.store(scratch + h, D1)
+        tl.store(scratch + HB + h, D2)
+        tl.debug_barrier()
+        upper_right = (rows < HB) & (cols >= HB)
+        Linv = tl.load(linv_out + rows * C + cols, mask=~upper_right, other=0.0)
+        L = tl.load(l_out + rows * C + cols, mask=~upper_right, other=0.0)
+        D = tl.load(scratch + tl.arange(0, C))
+    return Linv, D, L
+
+
+@triton.jit
+def _ldl_quads(S, scratch, C: tl.constexpr):
+    """(L⁻¹, D, L) of S = L D Lᵀ by Gaussian elimination without pivoting; scratch: 4·C² fp32.
 
     Step j subtracts m_i = S_ij / S_jj times row j from every row i > j; the trailing block
-    stays the (symmetric) Schur complement. The same row operations applied to I give L⁻¹
-    (S = L D Lᵀ, L unit lower), and the pivots are D = the sequential filter's innovation
-    variances s_t. The multipliers m are column j of L itself, kept for the backward (its key
-    kernels need L and L⁻¹; recording L costs no reduction).
+    stays the (symmetric) Schur complement. The same row operations applied to I give L⁻¹,
+    and the pivots are D = the sequential filter's innovation variances s_t. The multipliers m
+    are column j of L itself, kept for the backward (its key kernels need L and L⁻¹; recording
+    L costs no reduction).
 
-    The steps are serial and latency-bound (T of them per sequence, whatever the chunk size),
-    so each loop iteration takes four pivots from one read of S: rows j … j + 3 as they stand,
-    then each row brought up to date with the steps before it (`_eliminated`) from vectors
-    already in registers, and one update of S and L⁻¹ with all four. A [C, C] tile's rows are
-    spread over warps, so a column sum (one row of the tile) is the exchange between warps and
-    a row sum (one column) mostly stays inside a warp: m is taken from S's columns (equal to its
-    rows, S is symmetric) so that it comes out indexed by rows, and L⁻¹ is carried transposed,
-    so that its rows are columns of the carried tile. On an H100 (runs of one session) two
-    pivots per read took the covariance kernel from 6.57 to 5.87 ms per fwd+bwd at
-    (8, 4096, 8, 128, 128), and from 12.8 to 12.4 at (8, 4096, 6, 256, 512).
+    The steps are serial and latency-bound (T of them per sequence, whatever the chunk size).
+    Taking a row or a column out of a register tile is a reduction across threads, and across
+    warps a round trip through shared memory with a barrier; the elimination used to spend
+    most of its time in them. So each loop iteration writes S and L⁻¹ to the scratch
+    (L1-resident, [2, 2, C, C]: two buffers, alternating, so one barrier per iteration
+    orders every write before the reads and every read before the next write) and reads back
+    the rows and columns of four pivots j … j + 3 as tiles broadcast along the other axis, in
+    the layout of S itself, and their 4 × 4 block as scalars. The four steps then need no
+    exchange between threads: the block's entries are updated as scalars, the pivot rows and
+    columns brought up to date with the steps before them (`_eliminated`), and S, L⁻¹ and L
+    updated with all four at once.
     """
     idx = tl.arange(0, C)
-    eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
-    LinvT, L = eye, eye
+    rows, cols = idx[:, None], idx[None, :]
+    Linv = tl.where(rows == cols, 1.0, 0.0)
+    L = Linv
     D = tl.zeros([C], dtype=tl.float32)
     for quad in range(C // 4):
         j = 4 * quad
-        row0, col0, inv0 = _pivot_vectors(S, LinvT, idx, j)
-        row1, col1, inv1 = _pivot_vectors(S, LinvT, idx, j + 1)
-        row2, col2, inv2 = _pivot_vectors(S, LinvT, idx, j + 2)
-        row3, col3, inv3 = _pivot_vectors(S, LinvT, idx, j + 3)
-        piv0 = _entry(row0, idx, j)
-        m0, n0 = _multipliers(row0, col0, piv0, idx, j)
-        row1, col1, inv1 = _eliminated(row1, col1, inv1, row0, m0, inv0, _entry(row0, idx, j + 1), piv0)
-        row2, col2, inv2 = _eliminated(row2, col2, inv2, row0, m0, inv0, _entry(row0, idx, j + 2), piv0)
-        row3, col3, inv3 = _eliminated(row3, col3, inv3, row0, m0, inv0, _entry(row0, idx, j + 3), piv0)
-        piv1 = _entry(row1, idx, j + 1)
-        m1, n1 = _multipliers(row1, col1, piv1, idx, j + 1)
-        row2, col2, inv2 = _eliminated(row2, col2, inv2, row1, m1, inv1, _entry(row1, idx, j + 2), piv1)
-        row3, col3, inv3 = _eliminated(row3, col3, inv3, row1, m1, inv1, _entry(row1, idx, j + 3), piv1)
-        piv2 = _entry(row2, idx, j + 2)
-        m2, n2 = _multipliers(row2, col2, piv2, idx, j + 2)
-        row3, col3, inv3 = _eliminated(row3, col3, inv3, row2, m2, inv2, _entry(row2, idx, j + 3), piv2)
-        piv3 = _entry(row3, idx, j + 3)
-        m3, n3 = _multipliers(row3, col3, piv3, idx, j + 3)
-        S = (S - m0[:, None] * row0[None, :] - m1[:, None] * row1[None, :]
-             - m2[:, None] * row2[None, :] - m3[:, None] * row3[None, :])
-        LinvT = (LinvT - inv0[:, None] * n0[None, :] - inv1[:, None] * n1[None, :]
-                 - inv2[:, None] * n2[None, :] - inv3[:, None] * n3[None, :])
-        L += (tl.where(idx[None, :] == j, m0[:, None], 0.0) + tl.where(idx[None, :] == j + 1, m1[:, None], 0.0)
-              + tl.where(idx[None, :] == j + 2, m2[:, None], 0.0) + tl.where(idx[None, :] == j + 3, m3[:, None], 0.0))
-        D = tl.where(idx == j, piv0, tl.where(idx == j + 1, piv1, tl.where(idx == j + 2, piv2,
-                                                                             tl.where(idx == j + 3, piv3, D))))
-    return tl.trans(LinvT), D, L
+        buf = scratch + (quad % 2) * 2 * C * C
+        tl.store(buf + rows * C + cols, S)
+        tl.store(buf + C * C + rows * C + cols, Linv)
+        tl.debug_barrier()
+        R0, Q0, J0 = _pivot_tiles(buf, rows, cols, j, C)
+        R1, Q1, J1 = _pivot_tiles(buf, rows, cols, j + 1, C)
+        R2, Q2, J2 = _pivot_tiles(buf, rows, cols, j + 2, C)
+        R3, Q3, J3 = _pivot_tiles(buf, rows, cols, j + 3, C)
+        s00, s01, s02, s03 = _block_row(buf, j, 0, C)
+        _, s11, s12, s13 = _block_row(buf, j, 1, C)
+        _, _, s22, s23 = _block_row(buf, j, 2, C)
+        _, _, _, s33 = _block_row(buf, j, 3, C)
+        # step j (one division per pivot: its reciprocal multiplies)
+        i0 = 1.0 / s00
+        M0 = tl.where(rows > j, Q0 * i0, 0.0)
+        R1, Q1, J1 = _eliminated(R1, Q1, J1, R0, M0, J0, s01, s01 * i0)
+        R2, Q2, J2 = _eliminated(R2, Q2, J2, R0, M0, J0, s02, s02 * i0)
+        R3, Q3, J3 = _eliminated(R3, Q3, J3, R0, M0, J0, s03, s03 * i0)
+        s11, s12, s13 = s11 - (s01 * i0) * s01, s12 - (s01 * i0) * s02, s13 - (s01 * i0) * s03
+        s22, s23, s33 = s22 - (s02 * i0) * s02, s23 - (s02 * i0) * s03, s33 - (s03 * i0) * s03
+        # step j + 1
+        i1 = 1.0 / s11
+        M1 = tl.where(rows > j + 1, Q1 * i1, 0.0)
+        R2, Q2, J2 = _eliminated(R2, Q2, J2, R1, M1, J1, s12, s12 * i1)
+        R3, Q3, J3 = _eliminated(R3, Q3, J3, R1, M1, J1, s13, s13 * i1)
+        s22, s23, s33 = s22 - (s12 * i1) * s12, s23 - (s12 * i1) * s13, s33 - (s13 * i1) * s13
+        # step j + 2
+        i2 = 1.0 / s22
+        M2 = tl.where(rows > j + 2, Q2 * i2, 0.0)
+        R3, Q3, J3 = _eliminated(R3, Q3, J3, R2, M2, J2, s23, s23 * i2)
+        s33 = s33 - (s23 * i2) * s23
+        # step j + 3
+        M3 = tl.where(rows > j + 3, Q3 * (1.0 / s33), 0.0)
+        S = S - M0 * R0 - M1 * R1 - M2 * R2 - M3 * R3
+        Linv = Linv - M0 * J0 - M1 * J1 - M2 * J2 - M3 * J3
+        L += (tl.where(cols == j, M0, 0.0) + tl.where(cols == j + 1, M1, 0.0)
+              + tl.where(cols == j + 2, M2, 0.0) + tl.where(cols == j + 3, M3, 0.0))
+        D = tl.where(idx == j, s00, tl.where(idx == j + 1, s11, tl.where(idx == j + 2, s22,
+                                                                          tl.where(idx == j + 3, s33, D))))
+    return Linv, D, L
 
 
 @triton.jit
-def _pivot_vectors(S, LinvT, idx, j):
-    """Row j of S (indexed by columns), column j (indexed by rows) and row j of L⁻¹ (by rows)."""
-    row = tl.sum(tl.where(idx[:, None] == j, S, 0.0), 0)
-    col = tl.sum(tl.where(idx[None, :] == j, S, 0.0), 1)
-    inv = tl.sum(tl.where(idx[None, :] == j, LinvT, 0.0), 1)
-    return row, col, inv
+def _pivot_tiles(buf, rows, cols, j, C: tl.constexpr):
+    """Row j of S, column j of S and row j of L⁻¹ from the scratch (S at buf, L⁻¹ after it), each
+    as a [C, C] tile: the rows repeated down the tile, the column repeated across it."""
+    across = rows * 0 + cols
+    down = rows + cols * 0
+    return (tl.load(buf + j * C + across), tl.load(buf + down * C + j),
+            tl.load(buf + C * C + j * C + across))
 
 
 @triton.jit
-def _entry(vector, idx, j):
-    return tl.sum(tl.where(idx == j, vector, 0.0), 0)
+def _block_row(buf, j, a, C: tl.constexpr):
+    """Entries (j + a, j … j + 3) of S from the scratch."""
+    row = buf + (j + a) * C + j
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
 
 
 @triton.jit
-def _multipliers(row, col, pivot, idx, j):
-    """Step j's multipliers m_i = S_ij / S_jj (i > j), indexed by rows (from the column) and by
-    columns (from the row)."""
-    return tl.where(idx > j, col / pivot, 0.0), tl.where(idx > j, row / pivot, 0.0)
-
-
-@triton.jit
-def _eliminated(row, col, inv, pivot_row, m, pivot_inv, s, pivot):
-    """Row, column and L⁻¹ row of a later pivot after step j (pivot row j, multipliers m, and
-    s = S_j,later: the later row's multiplier is s / pivot)."""
-    return row - (s / pivot) * pivot_row, col - m * s, inv - (s / pivot) * pivot_inv
+def _eliminated(row, col, inv, pivot_row, m, pivot_inv, s, ratio):
+    """Row, column and L⁻¹ row (as tiles) of a later pivot after step j (pivot row j, multipliers
+    m, s = S_j,later and the later row's multiplier ratio = s / S_jj)."""
+    return row - ratio * pivot_row, col - m * s, inv - ratio * pivot_inv
 
 
 @triton.jit
@@ -203,7 +264,7 @@ def _group_barrier(count_ptr, arrivals):
 
 
 @triton.jit
-def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr,
+def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr, elim_ptr,
                       u_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, f_ptr, vpri_ptr, part_ptr, sync_ptr, H,
                       K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
                       R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr,
@@ -216,6 +277,9 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
     most of a chunk's time).
     U_COPY: U also goes to ud in that tensor's dtype (the keys' 16-bit one), for the value
     kernels' products.
+    A chunk's products with its prior P0 (K̃ P0, so S and X) are formed while the chunk before
+    writes P0 (_update_covariance), from the tiles in registers: P is read once per chunk and
+    written once. Only the first chunk reads its P0 for them (_first_key_products).
     Split: part p of the group owns P's column tiles p, p + NS, ...: it forms those columns of
     K̃ P0, X and U, its share of S (summed through part_ptr at a group barrier: every part then
     factorises the same S), and, after a second barrier (U complete), those columns of P_C."""
@@ -230,49 +294,15 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
     count_ptr = sync_ptr + 1 + group
     part_base = part_ptr + group * NS * (2 * C * C + 2 * C)
     arrivals = 0
+    S, KK, q_P_q, q_sq = _first_key_products(k_ptr, q_ptr, g_ptr, noise_ptr, p_ptr + (slot0 * H + h).to(tl.int64) * K * K,
+                                             x_base, bos, eos, h, H, part, K, BP, C, NS, WITH_VARIANCE, GIVEN_FACTORS)
     for i in range(tl.cdiv(eos - bos, C)):
         rows = bos + i * C + idx
         valid = rows < eos
-        tok = rows * H + h
-        lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
-        gamma = tl.exp(lg)
-        _, d = _chunk_noise(noise_ptr, tok, valid, decay)
+        tok, lg, decay, gamma, d = _chunk_scalings(g_ptr, noise_ptr, rows, valid, h, H, C)
         beta = tl.load(beta_ptr + tok, mask=valid, other=0.5).to(tl.float32)
         r = tl.where(valid, tl.maximum((1.0 - beta) / beta, R_MIN), 1.0)
-        if WITH_VARIANCE:
-            q_P_q = tl.zeros([C], dtype=tl.float32)
-            q_sq = tl.zeros([C], dtype=tl.float32)
         p_base = p_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * K
-        # S = K̃ P0 K̃ᵀ and X, one column block of P0 at a time, each from [BP, BP] tiles of P0 and
-        # [C, BP] slices of the keys (no [C, K] or [K, BP] tile stays in registers: at K = 256
-        # they spilled).
-        S = tl.zeros([C, C], dtype=tl.float32)
-        KK = tl.zeros([C, C], dtype=tl.float32)
-        for jb in range(part * BP, K, NS * BP):
-            cols = jb + pp
-            cmask = cols < K
-            kP = tl.zeros([C, BP], dtype=tl.float32)           # block of K̃ P0
-            if WITH_VARIANCE:
-                qP = tl.zeros([C, BP], dtype=tl.float32)
-            for ib in range(0, K, BP):
-                r_idx = ib + pp
-                rmask = r_idx < K
-                P_t = tl.load(p_base + r_idx[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-                k_i = tl.load(k_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
-                kP += tl.dot(k_i.to(tl.float32) * gamma[:, None], P_t)
-                if WITH_VARIANCE:
-                    q_i = tl.load(q_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
-                    qP += tl.dot(q_i.to(tl.float32), P_t)
-            k_blk = tl.load(k_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            if not GIVEN_FACTORS:
-                S += tl.dot(kP, tl.trans(k_blk * gamma[:, None]))
-                KK += tl.dot(k_blk, tl.trans(k_blk))
-            X = gamma[:, None] * kP + d[:, None] * k_blk       # rows Γ_t² P0 k_t + d_t k_t
-            tl.store(x_base + idx[:, None] * K + cols[None, :], X, mask=cmask[None, :])
-            if WITH_VARIANCE:
-                q_blk = tl.load(q_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                q_P_q += tl.sum(qP * q_blk, 1)
-                q_sq += tl.sum(q_blk * q_blk, 1)
         if NS > 1:
             if (not GIVEN_FACTORS) or WITH_VARIANCE:
                 # Sum the parts' shares in one fixed order, so every part factorises the same S.
@@ -289,9 +319,8 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
                 _group_barrier(count_ptr, arrivals)
                 S = tl.zeros([C, C], dtype=tl.float32)
                 KK = tl.zeros([C, C], dtype=tl.float32)
-                if WITH_VARIANCE:
-                    q_P_q = tl.zeros([C], dtype=tl.float32)
-                    q_sq = tl.zeros([C], dtype=tl.float32)
+                q_P_q = tl.zeros([C], dtype=tl.float32)
+                q_sq = tl.zeros([C], dtype=tl.float32)
                 for p in range(NS):
                     share = part_base + p * (2 * C * C + 2 * C)
                     if not GIVEN_FACTORS:
@@ -315,7 +344,7 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
             psi = psi + tl.trans(psi) - tl.where(idx[:, None] == idx[None, :], d[None, :], 0.0)
             S += KK * psi
             S = 0.5 * (S + tl.trans(S)) + tl.where(idx[:, None] == idx[None, :], r[None, :], 0.0)
-            Linv, D, L = _ldl_inverse(S, C)
+            Linv, D, L = _ldl_inverse(S, elim_ptr + (group * NS + part) * 4 * C * C, C)
             w = 1.0 / D
             F = tl.where(idx[:, None] > idx[None, :], L, tl.where(eye, w[:, None], tl.trans(Linv)))
             tl.store(f_ptr + tok[:, None] * C + idx[None, :], F, mask=first[:, None])
@@ -340,9 +369,93 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
             arrivals += NS
             _group_barrier(count_ptr, arrivals)                # every part's columns of U stored
         else:
-            tl.debug_barrier()                                 # U read back by other threads
-        _update_covariance(u_ptr, p_base, p_base + H * K * K, tok, valid, lg, decay, d, w, part, K, BP, C, NS)
+            tl.debug_barrier()                                 # U read back, X rewritten, by other threads
+        # The next chunk (past the document's end on its last chunk: no valid rows, zero keys).
+        rows_next = rows + C
+        valid_next = rows_next < eos
+        tok_next, _, _, gamma_next, d_next = _chunk_scalings(g_ptr, noise_ptr, rows_next, valid_next, h, H, C)
+        S, KK, q_P_q, q_sq = _update_covariance(
+            u_ptr, p_base, p_base + H * K * K, tok, valid, lg, decay, d, w, part,
+            k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next,
+            K, BP, C, NS, WITH_VARIANCE, GIVEN_FACTORS)
         tl.debug_barrier()                                     # next chunk reads the new P
+
+
+@triton.jit
+def _chunk_scalings(g_ptr, noise_ptr, rows, valid, h, H, C: tl.constexpr):
+    """The chunk of these rows: token offsets, log decays, Λ, Γ and the accumulated noise d."""
+    tok = rows * H + h
+    lg, decay = _chunk_decays(g_ptr, rows, valid, h, H, C)
+    _, d = _chunk_noise(noise_ptr, tok, valid, decay)
+    return tok, lg, decay, tl.exp(lg), d
+
+
+@triton.jit
+def _first_key_products(k_ptr, q_ptr, g_ptr, noise_ptr, p_base, x_base, bos, eos, h, H, part,
+                        K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NS: tl.constexpr,
+                        WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr):
+    """The first chunk's products with the document's initial P0 (read from its slot), as
+    _update_covariance forms every later chunk's: this part's share of S and K Kᵀ, its columns
+    of X (stored), its share of the variance's sums."""
+    rows = bos + tl.arange(0, C)
+    valid = rows < eos
+    tok, _, _, gamma, d = _chunk_scalings(g_ptr, noise_ptr, rows, valid, h, H, C)
+    pp = tl.arange(0, BP)
+    S = tl.zeros([C, C], dtype=tl.float32)
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    q_P_q = tl.zeros([C], dtype=tl.float32)
+    q_sq = tl.zeros([C], dtype=tl.float32)
+    for jb in range(part * BP, K, NS * BP):
+        cols = jb + pp
+        kP = tl.zeros([C, BP], dtype=tl.float32)
+        qP = tl.zeros([C, BP], dtype=tl.float32)
+        for ib in range(0, K, BP):
+            r_idx = ib + pp
+            P_tile = tl.load(p_base + r_idx[:, None] * K + cols[None, :],
+                             mask=(r_idx < K)[:, None] & (cols < K)[None, :], other=0.0)
+            kP, qP = _keys_times(k_ptr, q_ptr, tok, valid, gamma, ib, P_tile, kP, qP, K, BP, WITH_VARIANCE)
+        S, KK, q_P_q, q_sq = _key_block_sums(k_ptr, q_ptr, x_base, tok, valid, gamma, d, jb, kP, qP,
+                                             S, KK, q_P_q, q_sq, K, BP, C, WITH_VARIANCE, GIVEN_FACTORS)
+    return S, KK, q_P_q, q_sq
+
+
+@triton.jit
+def _keys_times(k_ptr, q_ptr, tok, valid, gamma, ib, P_tile, kP, qP, K: tl.constexpr, BP: tl.constexpr,
+                WITH_VARIANCE: tl.constexpr):
+    """kP += K̃[:, ib block] P_tile and qP += Q[:, ib block] P_tile, for the [BP, BP] tile of P0 at
+    rows ib.. of a column block (no [C, K] or [K, BP] operand stays in registers: at K = 256 they
+    spilled)."""
+    r_idx = ib + tl.arange(0, BP)
+    kmask = valid[:, None] & (r_idx < K)[None, :]
+    k_rows = tl.load(k_ptr + tok[:, None] * K + r_idx[None, :], mask=kmask, other=0.0)
+    kP += tl.dot(k_rows.to(tl.float32) * gamma[:, None], P_tile)
+    if WITH_VARIANCE:
+        q_rows = tl.load(q_ptr + tok[:, None] * K + r_idx[None, :], mask=kmask, other=0.0)
+        qP += tl.dot(q_rows.to(tl.float32), P_tile)
+    return kP, qP
+
+
+@triton.jit
+def _key_block_sums(k_ptr, q_ptr, x_base, tok, valid, gamma, d, jb, kP, qP, S, KK, q_P_q, q_sq,
+                    K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, WITH_VARIANCE: tl.constexpr,
+                    GIVEN_FACTORS: tl.constexpr):
+    """Column block jb of K̃ P0 (kP) and Q P0 (qP) complete: add its terms of S = K̃ P0 K̃ᵀ, of
+    K Kᵀ and of the variance's sums q P0 q, q·q, and store its columns of X = Γ K̃ P0 + diag(d) K
+    (rows Γ_t² P0 k_t + d_t k_t) to the scratch."""
+    idx = tl.arange(0, C)
+    cols = jb + tl.arange(0, BP)
+    cmask = cols < K
+    k_blk = tl.load(k_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    if not GIVEN_FACTORS:
+        S += tl.dot(kP, tl.trans(k_blk * gamma[:, None]))
+        KK += tl.dot(k_blk, tl.trans(k_blk))
+    X = gamma[:, None] * kP + d[:, None] * k_blk
+    tl.store(x_base + idx[:, None] * K + cols[None, :], X, mask=cmask[None, :])
+    if WITH_VARIANCE:
+        q_blk = tl.load(q_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        q_P_q += tl.sum(qP * q_blk, 1)
+        q_sq += tl.sum(q_blk * q_blk, 1)
+    return S, KK, q_P_q, q_sq
 
 
 @triton.jit
@@ -367,39 +480,44 @@ def _covariance_tile(u_ptr, p_old, tok, valid, a, b, weight, gamma_C, d_C, K: tl
 
 
 @triton.jit
-def _update_covariance(u_ptr, p_old, p_new, tok, valid, lg, decay, d, w, part, K: tl.constexpr, BP: tl.constexpr,
-                       C: tl.constexpr, NS: tl.constexpr):
-    """P_C = Γ_C² P0 + d_C I − Uᵀ diag(Λ_C·² w) U, tile by tile, stored exactly symmetric (note §6),
-    so it stays so across chunks: every tile is computed as the tile (a, b) with a ≤ b and written
-    to (a, b) and, transposed, to (b, a), by the same code in whichever part writes it.
-    NS = 1: the program computes the tiles on and above the diagonal and writes both places.
-    NS > 1: part p writes its own column tiles (all rows), each from its (a ≤ b) orientation."""
+def _update_covariance(u_ptr, p_old, p_new, tok, valid, lg, decay, d, w, part,
+                       k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next,
+                       K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NS: tl.constexpr,
+                       WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr):
+    """P_C = Γ_C² P0 + d_C I − Uᵀ diag(Λ_C·² w) U, this part's column tiles (all rows), stored
+    exactly symmetric (note §6), so it stays so across chunks: every tile is computed as the tile
+    (a, b) with a ≤ b and written to (a, b), or transposed to (b, a), by the same code whichever
+    part writes it.
+    Each column block of P_C, once in registers, also gives that column block of the next
+    chunk's K̃ P_C and Q P_C (_keys_times, _key_block_sums): returns the next chunk's sums and
+    leaves its X in the scratch."""
     idx = tl.arange(0, C)
     pp = tl.arange(0, BP)
     last = _last_row(decay, C)
     weight = last * last * w
     gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
     d_C = tl.sum(tl.where(idx == C - 1, d, 0.0), 0)
-    if NS == 1:
+    S = tl.zeros([C, C], dtype=tl.float32)
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    q_P_q = tl.zeros([C], dtype=tl.float32)
+    q_sq = tl.zeros([C], dtype=tl.float32)
+    for jb in range(part * BP, K, NS * BP):
+        c_idx = jb + pp
+        kP = tl.zeros([C, BP], dtype=tl.float32)
+        qP = tl.zeros([C, BP], dtype=tl.float32)
         for ib in range(0, K, BP):
-            for jb in range(ib, K, BP):
-                tile = _covariance_tile(u_ptr, p_old, tok, valid, ib, jb, weight, gamma_C, d_C, K, BP)
-                r_idx = ib + pp
-                c_idx = jb + pp
-                tile_mask = (r_idx < K)[:, None] & (c_idx < K)[None, :]
-                tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile, mask=tile_mask)
-                tl.store(p_new + c_idx[None, :] * K + r_idx[:, None], tile, mask=tile_mask)
-    else:
-        for jb in range(part * BP, K, NS * BP):
-            for ib in range(0, K, BP):
-                tile = _covariance_tile(u_ptr, p_old, tok, valid, tl.minimum(ib, jb), tl.maximum(ib, jb), weight,
-                                        gamma_C, d_C, K, BP)
-                if ib > jb:
-                    tile = tl.trans(tile)
-                r_idx = ib + pp
-                c_idx = jb + pp
-                tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile,
-                         mask=(r_idx < K)[:, None] & (c_idx < K)[None, :])
+            tile = _covariance_tile(u_ptr, p_old, tok, valid, tl.minimum(ib, jb), tl.maximum(ib, jb), weight,
+                                    gamma_C, d_C, K, BP)
+            if ib > jb:
+                tile = tl.trans(tile)
+            r_idx = ib + pp
+            tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile,
+                     mask=(r_idx < K)[:, None] & (c_idx < K)[None, :])
+            kP, qP = _keys_times(k_ptr, q_ptr, tok_next, valid_next, gamma_next, ib, tile, kP, qP, K, BP,
+                                 WITH_VARIANCE)
+        S, KK, q_P_q, q_sq = _key_block_sums(k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next, jb,
+                                             kP, qP, S, KK, q_P_q, q_sq, K, BP, C, WITH_VARIANCE, GIVEN_FACTORS)
+    return S, KK, q_P_q, q_sq
 
 
 @triton.jit
@@ -938,9 +1056,10 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         BP = min(BK, COV_BLOCK)
         NS = cov_split(K, BP, groups, dev, COV_PER_SM)
         sync = torch.zeros(1 + groups, dtype=torch.int32, device=dev)
+        elim = torch.empty(groups * NS * 4 * C * C, **f32) if factors is None else w   # _ldl_inverse's
         shares = torch.empty(groups * NS * (2 * C * C + 2 * C), **f32) if NS > 1 else w
         _bayes_cov_kernel[(groups * NS,)](
-            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, u, u_dots, linv, l_factor, w, packed,
+            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, elim, u, u_dots, linv, l_factor, w, packed,
             vpri if vpri is not None else w, shares, sync, H,
             K=K, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
             GIVEN_FACTORS=factors is not None, U_COPY=u_copy, NS=NS, num_warps=COV_WARPS, num_stages=COV_STAGES)
