@@ -853,6 +853,12 @@ COV_BLOCK = 64      # columns of P per tile in the covariance sweep
 # (S is summed from the parts' shares in another order); P stays exactly symmetric.
 COV_SPLIT = 4
 COV_PER_SM = 2      # programs of _bayes_cov_kernel resident on one SM (registers at COV_WARPS = 4)
+# Warps of _bayes_cov_kernel where every program has an SM to itself (cov_launch). On an H100,
+# with the elimination by halves: at (8, 4096, 8, 128, 128) (128 programs, split 2 ways) 8 warps
+# took the kernel (fwd + rerun) from 4.19 to 3.94–3.99 ms; at (8, 4096, 6, 256, 512) 8 warps, one
+# program per SM (so split 2 ways, not 4) made it slower, 7.51 → 8.13. The backward's sweep
+# (backward._cov_sweep_kernel) got slower with 8 warps alone at K = 128: 1.58 → 1.80 ms.
+COV_WARPS_ALONE = 8
 # Software pipelining of the covariance sweep's tile loops (loads of the next [BP, BP] tile of P
 # issued during the current product). 2 was slower on an H100: 13.0 → 15.2 ms fwd + rerun at
 # (8, 4096, 6, 256, 512); the backward's sweep (backward.COV_SWEEP_STAGES) 9.3 → 13.5.
@@ -896,6 +902,20 @@ def cov_split(K, BP, groups, device, per_sm):
     while 2 * split <= min(COV_SPLIT, triton.cdiv(K, BP)) and 2 * split * groups <= slots:
         split *= 2
     return split
+
+
+def cov_launch(K, BP, groups, device):
+    """(NS, num_warps) of _bayes_cov_kernel: NS from cov_split, and COV_WARPS_ALONE warps instead
+    of COV_WARPS when the launch gives every program an SM of its own anyway (groups × NS at most
+    the SMs): the sweep is latency-bound with one warp per scheduler (Nsight Compute on an H100
+    at (8, 4096, 8, 128, 128): 0.18 instructions issued per cycle and scheduler, 5.5 cycles per
+    instruction), and more warps split each tile's work without costing a second program per SM."""
+    NS = cov_split(K, BP, groups, device, COV_PER_SM)
+    device = torch.device(device)
+    if device.type != "cuda" or _interpreting():
+        return NS, COV_WARPS
+    alone = groups * NS <= torch.cuda.get_device_properties(device).multi_processor_count
+    return NS, COV_WARPS_ALONE if alone else COV_WARPS
 
 
 def key_dots(k):
@@ -1054,7 +1074,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         groups = plan.n_docs * H
         scratch = torch.empty(groups, C, K, **f32)
         BP = min(BK, COV_BLOCK)
-        NS = cov_split(K, BP, groups, dev, COV_PER_SM)
+        NS, cov_warps = cov_launch(K, BP, groups, dev)
         sync = torch.zeros(1 + groups, dtype=torch.int32, device=dev)
         elim = torch.empty(groups * NS * 4 * C * C, **f32) if factors is None else w   # _ldl_inverse's
         shares = torch.empty(groups * NS * (2 * C * C + 2 * C), **f32) if NS > 1 else w
@@ -1062,7 +1082,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
             k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, elim, u, u_dots, linv, l_factor, w, packed,
             vpri if vpri is not None else w, shares, sync, H,
             K=K, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
-            GIVEN_FACTORS=factors is not None, U_COPY=u_copy, NS=NS, num_warps=COV_WARPS, num_stages=COV_STAGES)
+            GIVEN_FACTORS=factors is not None, U_COPY=u_copy, NS=NS, num_warps=cov_warps, num_stages=COV_STAGES)
     else:
         if reset_linv_given:
             pass                                # the forward's L⁻¹, taken above
