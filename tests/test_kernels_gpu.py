@@ -64,6 +64,21 @@ def run(backend, inputs, mode, cu_seqlens=None, grads=None, **kw):
     return o, S, P, rest, [x.grad for x in leaves]
 
 
+def output_adjoints(B, T, N, H, K, V, seed):
+    """Random adjoints (dO, dS, dP) of the outputs and the N final states, for `run`."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(B, T, H, V, generator=gen, device="cuda"),
+            torch.randn(N, H, K, V, generator=gen, device="cuda"),
+            torch.randn(N, H, K, K, generator=gen, device="cuda"))
+
+
+def run_differences(first, second):
+    """Relative RMS differences between two `run` results with gradients, by name."""
+    (o, S, P, _, d), (o_2, S_2, P_2, _, d_2) = first, second
+    return {name: rel_rms(a, b) for name, a, b in
+            zip(("o", "S", "P", "dq", "dk", "dv", "dg", "dbeta"), [o, S, P] + d, [o_2, S_2, P_2] + d_2)}
+
+
 @pytest.mark.parametrize("mode", ["bayes", "reset"])
 @pytest.mark.parametrize("shape,n_docs", SHAPES, ids=lambda s: str(s))
 def test_matches_fp32_reference(mode, shape, n_docs):
@@ -71,10 +86,7 @@ def test_matches_fp32_reference(mode, shape, n_docs):
     inputs = gdn_inputs(*shape)
     cu = documents(T, n_docs) if n_docs else None
     N = B if cu is None else n_docs
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    grads = (torch.randn(B, T, H, V, generator=gen, device="cuda"),
-             torch.randn(N, H, K, V, generator=gen, device="cuda"),
-             torch.randn(N, H, K, K, generator=gen, device="cuda"))
+    grads = output_adjoints(B, T, N, H, K, V, seed=1)
     o, S, P, _, d = run("triton", inputs, mode, cu, grads)
     o_ref, S_ref, P_ref, _, d_ref = run("chunked", [x.float() for x in inputs], mode, cu, grads)
     errors = {"o": rel_rms(o, o_ref), "S": rel_rms(S, S_ref)}
@@ -164,16 +176,12 @@ def test_covariance_split_over_programs_matches_one_program(monkeypatch):
     inputs = gdn_inputs(1, T, H, K, V, seed=13)
     cu = documents(T, 2, seed=14)
     assert chunk_fwd.cov_split(K, chunk_fwd.COV_BLOCK, 2 * H, "cuda", chunk_fwd.COV_PER_SM) == 4
-    gen = torch.Generator(device="cuda").manual_seed(15)
-    grads = (torch.randn(1, T, H, V, generator=gen, device="cuda"),
-             torch.randn(2, H, K, V, generator=gen, device="cuda"),
-             torch.randn(2, H, K, K, generator=gen, device="cuda"))
-    o, S, P, _, d = run("triton", inputs, "bayes", cu, grads)
+    grads = output_adjoints(1, T, 2, H, K, V, seed=15)
+    split = run("triton", inputs, "bayes", cu, grads)
     monkeypatch.setattr(chunk_fwd, "COV_SPLIT", 1)
-    o_1, S_1, P_1, _, d_1 = run("triton", inputs, "bayes", cu, grads)
+    errors = run_differences(split, run("triton", inputs, "bayes", cu, grads))
+    P = split[2]
     assert torch.equal(P, P.transpose(-1, -2))
-    errors = {name: rel_rms(a, b) for name, a, b in
-              zip(("o", "S", "P", "dq", "dk", "dv", "dg", "dbeta"), [o, S, P] + d, [o_1, S_1, P_1] + d_1)}
     print(errors)
     # Summation order alone moves these by ~1e-4 (tf32 products); a lost share or a stale read by O(1).
     assert all(e <= 1e-3 for e in errors.values()), errors
@@ -188,16 +196,13 @@ def test_covariance_kernel_warps_do_not_change_results(monkeypatch):
     cu = documents(T, 2, seed=17)
     assert chunk_fwd.COV_WARPS_ALONE != chunk_fwd.COV_WARPS
     assert chunk_fwd.cov_launch(K, chunk_fwd.COV_BLOCK, 2 * H, "cuda")[1] == chunk_fwd.COV_WARPS_ALONE
-    gen = torch.Generator(device="cuda").manual_seed(18)
-    grads = (torch.randn(1, T, H, V, generator=gen, device="cuda"),
-             torch.randn(2, H, K, V, generator=gen, device="cuda"),
-             torch.randn(2, H, K, K, generator=gen, device="cuda"))
-    o, S, P, _, d = run("triton", inputs, "bayes", cu, grads)
+    grads = output_adjoints(1, T, 2, H, K, V, seed=18)
+    eight = run("triton", inputs, "bayes", cu, grads)
     monkeypatch.setattr(chunk_fwd, "COV_WARPS_ALONE", chunk_fwd.COV_WARPS)
-    o_4, S_4, P_4, _, d_4 = run("triton", inputs, "bayes", cu, grads)
+    four = run("triton", inputs, "bayes", cu, grads)
+    errors = run_differences(eight, four)
+    P_4 = four[2]
     assert torch.equal(P_4, P_4.transpose(-1, -2))
-    errors = {name: rel_rms(a, b) for name, a, b in
-              zip(("o", "S", "P", "dq", "dk", "dv", "dg", "dbeta"), [o, S, P] + d, [o_4, S_4, P_4] + d_4)}
     print(errors)
     # Only the order in which the tile products sum differs, carried through the sweep (as in the
     # split test above: up to ~1e-4 on an H100); a wrong layout or a lost tile moves them by O(1).
