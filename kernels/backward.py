@@ -3,8 +3,9 @@
 1. The forward's first two passes rerun (chunk_fwd.chunk_states) and give the chunk-boundary
    states, the write directions U, gains w, L⁻¹ (and bayes' L), the whitened keys L⁻¹ K̃ and
    the innovations E. The forward saves its inputs and each chunk's factors (bayes: L⁻¹, L,
-   w packed in one C × C block; reset: L⁻¹), so the rerun skips the serial LDLᵀ (bayes) or
-   the system's inverse (reset).
+   w packed in one C × C block; reset: L⁻¹), so the rerun skips the system's inverse (reset);
+   bayes also saves its write directions, from which the rerun replays the covariances in
+   parallel over P's tiles (no serial LDLᵀ, no sweep waiting on one).
 2. chunk_bwd.py: the adjoint of the mean runs backwards over the chunks (`_dstate_kernel`),
    then chunk-parallel kernels form every sum over V: dV and the adjoints of the chunk's
    key-side products (A diag(w), L, diag(Λ_C· w) U, diag(Γ) Q, K̃, Γ_C; see that module).
@@ -97,10 +98,11 @@ def _key_block(K):
 
 
 def chunk_backward(mode, inputs, S0, P0, plan, cu_seqlens, grads, scale, output_variance, chunk_size,
-                   factors=None):
+                   factors, writes=None):
     """inputs: (q, k, v, g, beta, noise) as given to the forward, [B, T, H, ...] contiguous;
-    grads: (dO, dvar or None, dS_final or None, dP_final or None); factors: the
-    forward's chunk factors (chunk_forward returns them: bayes' packed LDLᵀ factors, reset's L⁻¹).
+    grads: (dO, dvar or None, dS_final or None, dP_final or None); factors and writes: what
+    chunk_forward returned for the backward (bayes' packed LDLᵀ factors and write directions
+    Ũ, reset's L⁻¹ and None).
     Returns (dq, dk, dv, dg, dbeta, dnoise, dS0, dP0) in the inputs' layouts (dP0 None for reset)."""
     q, k, v, g, beta, noise = inputs
     B, T, H, K = q.shape
@@ -108,7 +110,7 @@ def chunk_backward(mode, inputs, S0, P0, plan, cu_seqlens, grads, scale, output_
     C = chunk_size
     d_out, d_var, dS_final, dP_final = grads
     d_out = d_out.contiguous()
-    mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, False, C, factors=factors)
+    mid = chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, False, C, factors=factors, writes=writes)
     sums = _value_sums(q, k, v, g, beta, d_out, mid, plan, dS_final, scale, C, reset=mode == "reset")
     dv = sums["dR"].view(B, T, H, V)
     dS0 = sums["dS0"]
@@ -212,7 +214,7 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
                   num_warps=OWN_WARPS[C], num_stages=KEYS_STAGES)
     # dP in state slots like P: slot slot0 + i + 1 ends as the adjoint of chunk i's end covariance.
     dp_slots = torch.empty_like(mid.p_slots)
-    final = plan.slot0.long() + plan.per_doc
+    final = plan.final_slots()
     if dP_final is None:
         dp_slots[final] = 0.0
     else:

@@ -265,18 +265,17 @@ def _group_barrier(count_ptr, arrivals):
 
 @triton.jit
 def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr, elim_ptr,
-                      u_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, f_ptr, vpri_ptr, part_ptr, sync_ptr, H,
+                      us_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, f_ptr, vpri_ptr, part_ptr, sync_ptr, H,
                       K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
-                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr,
-                      U_COPY: tl.constexpr, NS: tl.constexpr):
+                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, NS: tl.constexpr):
     """The covariance sweep of one (document, head), by NS programs (COV_SPLIT). L⁻¹, L and w
     are stored unpacked for the other kernels, and packed for the backward in f: one C × C block
     per chunk holding L below the diagonal, L⁻¹ transposed above it and w on it (both factors
-    are unit lower triangular). GIVEN_FACTORS (the backward's rerun): the factors are unpacked
-    from f, so only X, U and P are formed again, not S and its LDLᵀ (the serial elimination is
-    over a third of a chunk's time).
-    U_COPY: U also goes to ud in that tensor's dtype (the keys' 16-bit one), for the value
-    kernels' products.
+    are unit lower triangular).
+    The write directions go out twice: us = diag(√w) U in us's dtype (saved for the backward,
+    which replays P from them: _cov_replay_kernel), and U as the backward will see it,
+    us / √w, in ud's dtype (the keys' 16-bit one, or fp32) for the value kernels' products. P's
+    own update takes its U from us too, so the replay reproduces these covariances.
     A chunk's products with its prior P0 (K̃ P0, so S and X) are formed while the chunk before
     writes P0 (_update_covariance), from the tiles in registers: P is read once per chunk and
     written once. Only the first chunk reads its P0 for them (_first_key_products).
@@ -295,7 +294,7 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
     part_base = part_ptr + group * NS * (2 * C * C + 2 * C)
     arrivals = 0
     S, KK, q_P_q, q_sq = _first_key_products(k_ptr, q_ptr, g_ptr, noise_ptr, p_ptr + (slot0 * H + h).to(tl.int64) * K * K,
-                                             x_base, bos, eos, h, H, part, K, BP, C, NS, WITH_VARIANCE, GIVEN_FACTORS)
+                                             x_base, bos, eos, h, H, part, K, BP, C, NS, WITH_VARIANCE)
     for i in range(tl.cdiv(eos - bos, C)):
         rows = bos + i * C + idx
         valid = rows < eos
@@ -304,50 +303,41 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         r = tl.where(valid, tl.maximum((1.0 - beta) / beta, R_MIN), 1.0)
         p_base = p_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * K
         if NS > 1:
-            if (not GIVEN_FACTORS) or WITH_VARIANCE:
-                # Sum the parts' shares in one fixed order, so every part factorises the same S.
-                # One buffer serves every chunk: no part writes chunk i + 1's share before all
-                # have passed chunk i's second barrier, after their last read of it.
-                own = part_base + part * (2 * C * C + 2 * C)
-                if not GIVEN_FACTORS:
-                    tl.store(own + cc, S)
-                    tl.store(own + C * C + cc, KK)
+            # Sum the parts' shares in one fixed order, so every part factorises the same S.
+            # One buffer serves every chunk: no part writes chunk i + 1's share before all
+            # have passed chunk i's second barrier, after their last read of it.
+            own = part_base + part * (2 * C * C + 2 * C)
+            tl.store(own + cc, S)
+            tl.store(own + C * C + cc, KK)
+            if WITH_VARIANCE:
+                tl.store(own + 2 * C * C + idx, q_P_q)
+                tl.store(own + 2 * C * C + C + idx, q_sq)
+            arrivals += NS
+            _group_barrier(count_ptr, arrivals)
+            S = tl.zeros([C, C], dtype=tl.float32)
+            KK = tl.zeros([C, C], dtype=tl.float32)
+            q_P_q = tl.zeros([C], dtype=tl.float32)
+            q_sq = tl.zeros([C], dtype=tl.float32)
+            for p in range(NS):
+                share = part_base + p * (2 * C * C + 2 * C)
+                S += tl.load(share + cc, cache_modifier=".cg")
+                KK += tl.load(share + C * C + cc, cache_modifier=".cg")
                 if WITH_VARIANCE:
-                    tl.store(own + 2 * C * C + idx, q_P_q)
-                    tl.store(own + 2 * C * C + C + idx, q_sq)
-                arrivals += NS
-                _group_barrier(count_ptr, arrivals)
-                S = tl.zeros([C, C], dtype=tl.float32)
-                KK = tl.zeros([C, C], dtype=tl.float32)
-                q_P_q = tl.zeros([C], dtype=tl.float32)
-                q_sq = tl.zeros([C], dtype=tl.float32)
-                for p in range(NS):
-                    share = part_base + p * (2 * C * C + 2 * C)
-                    if not GIVEN_FACTORS:
-                        S += tl.load(share + cc, cache_modifier=".cg")
-                        KK += tl.load(share + C * C + cc, cache_modifier=".cg")
-                    if WITH_VARIANCE:
-                        q_P_q += tl.load(share + 2 * C * C + idx, cache_modifier=".cg")
-                        q_sq += tl.load(share + 2 * C * C + C + idx, cache_modifier=".cg")
+                    q_P_q += tl.load(share + 2 * C * C + idx, cache_modifier=".cg")
+                    q_sq += tl.load(share + 2 * C * C + C + idx, cache_modifier=".cg")
         eye = idx[:, None] == idx[None, :]
         # The factors are stored by part 0 alone. part is broadcast to [C] first: the interpreter
         # refuses a mask built from a scalar comparison ("mask has unsupported dtype").
         first = valid & (tl.zeros([C], dtype=tl.int32) + part == 0)
-        if GIVEN_FACTORS:
-            F = tl.load(f_ptr + tok[:, None] * C + idx[None, :], mask=valid[:, None], other=0.0)
-            Linv = tl.where(idx[:, None] > idx[None, :], tl.trans(F), tl.where(eye, 1.0, 0.0))
-            L = tl.where(idx[:, None] > idx[None, :], F, tl.where(eye, 1.0, 0.0))
-            w = tl.sum(tl.where(eye, F, 0.0), 1)
-        else:
-            # Process noise between observations: (K Kᵀ) ∘ Ψ, Ψ_ts = Λ_ts d_s for t ≥ s, symmetric.
-            psi = decay * d[None, :]
-            psi = psi + tl.trans(psi) - tl.where(idx[:, None] == idx[None, :], d[None, :], 0.0)
-            S += KK * psi
-            S = 0.5 * (S + tl.trans(S)) + tl.where(idx[:, None] == idx[None, :], r[None, :], 0.0)
-            Linv, D, L = _ldl_inverse(S, elim_ptr + (group * NS + part) * 4 * C * C, C)
-            w = 1.0 / D
-            F = tl.where(idx[:, None] > idx[None, :], L, tl.where(eye, w[:, None], tl.trans(Linv)))
-            tl.store(f_ptr + tok[:, None] * C + idx[None, :], F, mask=first[:, None])
+        # Process noise between observations: (K Kᵀ) ∘ Ψ, Ψ_ts = Λ_ts d_s for t ≥ s, symmetric.
+        psi = decay * d[None, :]
+        psi = psi + tl.trans(psi) - tl.where(eye, d[None, :], 0.0)
+        S += KK * psi
+        S = 0.5 * (S + tl.trans(S)) + tl.where(eye, r[None, :], 0.0)
+        Linv, D, L = _ldl_inverse(S, elim_ptr + (group * NS + part) * 4 * C * C, C)
+        w = 1.0 / D
+        F = tl.where(idx[:, None] > idx[None, :], L, tl.where(eye, w[:, None], tl.trans(Linv)))
+        tl.store(f_ptr + tok[:, None] * C + idx[None, :], F, mask=first[:, None])
         tl.store(linv_ptr + tok[:, None] * C + idx[None, :], Linv, mask=first[:, None])
         tl.store(l_ptr + tok[:, None] * C + idx[None, :], L, mask=first[:, None])
         tl.store(w_ptr + tok, w, mask=first)
@@ -356,15 +346,13 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         tl.debug_barrier()                                     # X scratch written by all threads
         # U = (L ∘ Λ)⁻¹ X and (L ∘ Λ)⁻¹ = L⁻¹ ∘ Λ (a diagonal similarity by Γ).
         M_inv = Linv * decay
+        root_w = tl.sqrt(w)
         for jb in range(part * BP, K, NS * BP):
             cols = jb + pp
             cmask = cols < K
             X = tl.load(x_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
             U_blk = tl.dot(M_inv, X)
-            tl.store(u_ptr + tok[:, None] * K + cols[None, :], U_blk, mask=valid[:, None] & cmask[None, :])
-            if U_COPY:
-                tl.store(ud_ptr + tok[:, None] * K + cols[None, :], U_blk.to(ud_ptr.dtype.element_ty),
-                         mask=valid[:, None] & cmask[None, :])
+            _store_writes(us_ptr, ud_ptr, tok, valid, cols, cmask, U_blk * root_w[:, None], root_w, K)
         if NS > 1:
             arrivals += NS
             _group_barrier(count_ptr, arrivals)                # every part's columns of U stored
@@ -378,10 +366,21 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         valid_next = rows_next < eos
         tok_next, _, _, gamma_next, d_next = _chunk_scalings(g_ptr, noise_ptr, rows_next, valid_next, h, H, C)
         S, KK, q_P_q, q_sq = _update_covariance(
-            u_ptr, p_base, p_base + H * K * K, tok, valid, lg, decay, d, w, part,
+            us_ptr, p_base, p_base + H * K * K, tok, valid, lg, decay, d, part,
             k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next,
-            K, BP, C, NS, WITH_VARIANCE, GIVEN_FACTORS)
+            K, BP, C, NS, WITH_VARIANCE)
         tl.debug_barrier()                                     # next chunk reads the new P
+
+
+@triton.jit
+def _store_writes(us_ptr, ud_ptr, tok, valid, cols, cmask, us_blk, root_w, K: tl.constexpr):
+    """Columns cols of the write directions: us = diag(√w) U rounded to us's dtype, and U as
+    the backward's unpacking recovers it from those (us / √w, _unpack_kernel) in ud's dtype."""
+    mask = valid[:, None] & cmask[None, :]
+    offs = tok[:, None] * K + cols[None, :]
+    us_blk = us_blk.to(us_ptr.dtype.element_ty)
+    tl.store(us_ptr + offs, us_blk, mask=mask)
+    tl.store(ud_ptr + offs, (us_blk.to(tl.float32) / root_w[:, None]).to(ud_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -396,29 +395,25 @@ def _chunk_scalings(g_ptr, noise_ptr, rows, valid, h, H, C: tl.constexpr):
 @triton.jit
 def _first_key_products(k_ptr, q_ptr, g_ptr, noise_ptr, p_base, x_base, bos, eos, h, H, part,
                         K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NS: tl.constexpr,
-                        WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr):
+                        WITH_VARIANCE: tl.constexpr):
     """The first chunk's products with the document's initial P0 (read from its slot), as
     _update_covariance forms every later chunk's: this part's share of S and K Kᵀ, its columns
     of X (stored), its share of the variance's sums."""
     rows = bos + tl.arange(0, C)
     valid = rows < eos
     tok, _, _, gamma, d = _chunk_scalings(g_ptr, noise_ptr, rows, valid, h, H, C)
-    pp = tl.arange(0, BP)
     S = tl.zeros([C, C], dtype=tl.float32)
     KK = tl.zeros([C, C], dtype=tl.float32)
     q_P_q = tl.zeros([C], dtype=tl.float32)
     q_sq = tl.zeros([C], dtype=tl.float32)
     for jb in range(part * BP, K, NS * BP):
-        cols = jb + pp
         kP = tl.zeros([C, BP], dtype=tl.float32)
         qP = tl.zeros([C, BP], dtype=tl.float32)
         for ib in range(0, K, BP):
-            r_idx = ib + pp
-            P_tile = tl.load(p_base + r_idx[:, None] * K + cols[None, :],
-                             mask=(r_idx < K)[:, None] & (cols < K)[None, :], other=0.0)
-            kP, qP = _keys_times(k_ptr, q_ptr, tok, valid, gamma, ib, P_tile, kP, qP, K, BP, WITH_VARIANCE)
+            kP, qP = _keys_times(k_ptr, q_ptr, tok, valid, gamma, ib, _p_tile(p_base, ib, jb, K, BP), kP, qP, K, BP,
+                                 WITH_VARIANCE)
         S, KK, q_P_q, q_sq = _key_block_sums(k_ptr, q_ptr, x_base, tok, valid, gamma, d, jb, kP, qP,
-                                             S, KK, q_P_q, q_sq, K, BP, C, WITH_VARIANCE, GIVEN_FACTORS)
+                                             S, KK, q_P_q, q_sq, K, BP, C, WITH_VARIANCE)
     return S, KK, q_P_q, q_sq
 
 
@@ -440,8 +435,7 @@ def _keys_times(k_ptr, q_ptr, tok, valid, gamma, ib, P_tile, kP, qP, K: tl.const
 
 @triton.jit
 def _key_block_sums(k_ptr, q_ptr, x_base, tok, valid, gamma, d, jb, kP, qP, S, KK, q_P_q, q_sq,
-                    K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, WITH_VARIANCE: tl.constexpr,
-                    GIVEN_FACTORS: tl.constexpr):
+                    K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, WITH_VARIANCE: tl.constexpr):
     """Column block jb of K̃ P0 (kP) and Q P0 (qP) complete: add its terms of S = K̃ P0 K̃ᵀ, of
     K Kᵀ and of the variance's sums q P0 q, q·q, and store its columns of X = Γ K̃ P0 + diag(d) K
     (rows Γ_t² P0 k_t + d_t k_t) to the scratch."""
@@ -449,9 +443,8 @@ def _key_block_sums(k_ptr, q_ptr, x_base, tok, valid, gamma, d, jb, kP, qP, S, K
     cols = jb + tl.arange(0, BP)
     cmask = cols < K
     k_blk = tl.load(k_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-    if not GIVEN_FACTORS:
-        S += tl.dot(kP, tl.trans(k_blk * gamma[:, None]))
-        KK += tl.dot(k_blk, tl.trans(k_blk))
+    S += tl.dot(kP, tl.trans(k_blk * gamma[:, None]))
+    KK += tl.dot(k_blk, tl.trans(k_blk))
     X = gamma[:, None] * kP + d[:, None] * k_blk
     tl.store(x_base + idx[:, None] * K + cols[None, :], X, mask=cmask[None, :])
     if WITH_VARIANCE:
@@ -462,19 +455,17 @@ def _key_block_sums(k_ptr, q_ptr, x_base, tok, valid, gamma, d, jb, kP, qP, S, K
 
 
 @triton.jit
-def _covariance_tile(u_ptr, p_old, tok, valid, a, b, weight, gamma_C, d_C, K: tl.constexpr, BP: tl.constexpr):
-    """Tile (a, b) of P_C = Γ_C² P0 + d_C I − Uᵀ diag(weight) U, for a ≤ b (both tile offsets)."""
+def _covariance_tile(us_ptr, P0, tok, valid, a, b, weight, gamma_C, d_C, K: tl.constexpr, BP: tl.constexpr):
+    """Tile (a, b) of P_C = Γ_C² P0 + d_C I − Ũᵀ diag(weight) Ũ, for a ≤ b (both tile offsets),
+    from that tile of P0 and the saved write directions Ũ = diag(√w) U: the forward's update and
+    the backward's replay (_cov_replay_kernel) both form it here, so they agree."""
     pp = tl.arange(0, BP)
     r_idx = a + pp
     c_idx = b + pp
-    rmask = r_idx < K
-    cmask = c_idx < K
-    U_a = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0,
-                  cache_modifier=".cg")
-    U_b = tl.load(u_ptr + tok[:, None] * K + c_idx[None, :], mask=valid[:, None] & cmask[None, :], other=0.0,
-                  cache_modifier=".cg")
-    P0 = tl.load(p_old + r_idx[:, None] * K + c_idx[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0,
-                 cache_modifier=".cg")
+    U_a = tl.load(us_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & (r_idx < K)[None, :],
+                  other=0.0, cache_modifier=".cg").to(tl.float32)
+    U_b = tl.load(us_ptr + tok[:, None] * K + c_idx[None, :], mask=valid[:, None] & (c_idx < K)[None, :],
+                  other=0.0, cache_modifier=".cg").to(tl.float32)
     tile = gamma_C * gamma_C * P0 - tl.dot(tl.trans(U_a * weight[:, None]), U_b)
     tile += tl.where(r_idx[:, None] == c_idx[None, :], d_C, 0.0)
     if a == b:
@@ -483,10 +474,30 @@ def _covariance_tile(u_ptr, p_old, tok, valid, a, b, weight, gamma_C, d_C, K: tl
 
 
 @triton.jit
-def _update_covariance(u_ptr, p_old, p_new, tok, valid, lg, decay, d, w, part,
+def _p_tile(p_base, a, b, K: tl.constexpr, BP: tl.constexpr):
+    """Tile (a, b) of the K × K matrix at p_base (zeros outside it)."""
+    r_idx = a + tl.arange(0, BP)
+    c_idx = b + tl.arange(0, BP)
+    return tl.load(p_base + r_idx[:, None] * K + c_idx[None, :], mask=(r_idx < K)[:, None] & (c_idx < K)[None, :],
+                   other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _chunk_end_scalings(lg, decay, d, C: tl.constexpr):
+    """The weights Λ_C,t² of the chunk's writes in P_C, and Γ_C, d_C (the decay and the noise
+    accumulated over the whole chunk)."""
+    idx = tl.arange(0, C)
+    last = _last_row(decay, C)
+    gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
+    d_C = tl.sum(tl.where(idx == C - 1, d, 0.0), 0)
+    return last * last, gamma_C, d_C
+
+
+@triton.jit
+def _update_covariance(us_ptr, p_old, p_new, tok, valid, lg, decay, d, part,
                        k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next,
                        K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NS: tl.constexpr,
-                       WITH_VARIANCE: tl.constexpr, GIVEN_FACTORS: tl.constexpr):
+                       WITH_VARIANCE: tl.constexpr):
     """P_C = Γ_C² P0 + d_C I − Uᵀ diag(Λ_C·² w) U, this part's column tiles (all rows), stored
     exactly symmetric (note §6), so it stays so across chunks: every tile is computed as the tile
     (a, b) with a ≤ b and written to (a, b), or transposed to (b, a), by the same code whichever
@@ -494,12 +505,8 @@ def _update_covariance(u_ptr, p_old, p_new, tok, valid, lg, decay, d, w, part,
     Each column block of P_C, once in registers, also gives that column block of the next
     chunk's K̃ P_C and Q P_C (_keys_times, _key_block_sums): returns the next chunk's sums and
     leaves its X in the scratch."""
-    idx = tl.arange(0, C)
     pp = tl.arange(0, BP)
-    last = _last_row(decay, C)
-    weight = last * last * w
-    gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
-    d_C = tl.sum(tl.where(idx == C - 1, d, 0.0), 0)
+    weight, gamma_C, d_C = _chunk_end_scalings(lg, decay, d, C)
     S = tl.zeros([C, C], dtype=tl.float32)
     KK = tl.zeros([C, C], dtype=tl.float32)
     q_P_q = tl.zeros([C], dtype=tl.float32)
@@ -509,8 +516,9 @@ def _update_covariance(u_ptr, p_old, p_new, tok, valid, lg, decay, d, w, part,
         kP = tl.zeros([C, BP], dtype=tl.float32)
         qP = tl.zeros([C, BP], dtype=tl.float32)
         for ib in range(0, K, BP):
-            tile = _covariance_tile(u_ptr, p_old, tok, valid, tl.minimum(ib, jb), tl.maximum(ib, jb), weight,
-                                    gamma_C, d_C, K, BP)
+            a, b = tl.minimum(ib, jb), tl.maximum(ib, jb)
+            tile = _covariance_tile(us_ptr, _p_tile(p_old, a, b, K, BP), tok, valid, a, b, weight, gamma_C, d_C,
+                                    K, BP)
             if ib > jb:
                 tile = tl.trans(tile)
             r_idx = ib + pp
@@ -519,8 +527,69 @@ def _update_covariance(u_ptr, p_old, p_new, tok, valid, lg, decay, d, w, part,
             kP, qP = _keys_times(k_ptr, q_ptr, tok_next, valid_next, gamma_next, ib, tile, kP, qP, K, BP,
                                  WITH_VARIANCE)
         S, KK, q_P_q, q_sq = _key_block_sums(k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next, jb,
-                                             kP, qP, S, KK, q_P_q, q_sq, K, BP, C, WITH_VARIANCE, GIVEN_FACTORS)
+                                             kP, qP, S, KK, q_P_q, q_sq, K, BP, C, WITH_VARIANCE)
     return S, KK, q_P_q, q_sq
+
+
+@triton.jit
+def _cov_replay_kernel(us_ptr, g_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, H,
+                       K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NB: tl.constexpr):
+    """The backward's covariances from the forward's saved write directions Ũ: over the chunks
+    of one (document, head), P_{i+1} = Γ_C² P_i + d_C I − Ũ_iᵀ diag(Λ_C·²) Ũ_i for one tile pair
+    (a ≤ b) of P, stored at (a, b) and transposed at (b, a), as the forward stores it.
+    Once Ũ is known the recursion is linear with scalar coefficients, and a tile needs only its
+    own columns of Ũ: the tiles run in parallel, each carried in registers from chunk to chunk,
+    where the forward's sweep must wait for each chunk's factorisation."""
+    pair, group = tl.program_id(0), tl.program_id(1)
+    ta, tb = pair // NB, pair % NB
+    if ta <= tb:                              # the pairs below the diagonal have nothing to do
+        a, b = ta * BP, tb * BP
+        n, h = group // H, group % H
+        bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
+        slot0 = tl.load(slot_ptr + n)
+        idx = tl.arange(0, C)
+        r_idx = a + tl.arange(0, BP)
+        c_idx = b + tl.arange(0, BP)
+        mask = (r_idx < K)[:, None] & (c_idx < K)[None, :]
+        tile = _p_tile(p_ptr + (slot0 * H + h).to(tl.int64) * K * K, a, b, K, BP)
+        for i in range(tl.cdiv(eos - bos, C)):
+            rows = bos + i * C + idx
+            valid = rows < eos
+            tok, lg, decay, _, d = _chunk_scalings(g_ptr, noise_ptr, rows, valid, h, H, C)
+            weight, gamma_C, d_C = _chunk_end_scalings(lg, decay, d, C)
+            tile = _covariance_tile(us_ptr, tile, tok, valid, a, b, weight, gamma_C, d_C, K, BP)
+            p_new = p_ptr + ((slot0 + i + 1) * H + h).to(tl.int64) * K * K
+            tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile, mask=mask)
+            if a != b:
+                tl.store(p_new + c_idx[:, None] * K + r_idx[None, :], tl.trans(tile), mask=tl.trans(mask))
+
+
+@triton.jit
+def _unpack_kernel(f_ptr, us_ptr, chunk_ptr, cu_ptr, linv_ptr, l_ptr, w_ptr, u_ptr, ud_ptr, H,
+                   K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr, U_COPY: tl.constexpr):
+    """The backward's chunk factors and write directions from what the forward saved: L⁻¹, L and
+    w from the packed block f, U = Ũ / √w in fp32 and (U_COPY) in ud's dtype, as the forward
+    rounded it for the value kernels (_store_writes)."""
+    c, h = tl.program_id(0), tl.program_id(1)
+    _, _, _, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
+    idx = tl.arange(0, C)
+    eye = idx[:, None] == idx[None, :]
+    below = idx[:, None] > idx[None, :]
+    cc = tok[:, None] * C + idx[None, :]
+    F = tl.load(f_ptr + cc, mask=valid[:, None], other=0.0)
+    tl.store(linv_ptr + cc, tl.where(below, tl.trans(F), tl.where(eye, 1.0, 0.0)), mask=valid[:, None])
+    tl.store(l_ptr + cc, tl.where(below, F, tl.where(eye, 1.0, 0.0)), mask=valid[:, None])
+    w = tl.sum(tl.where(eye, F, 0.0), 1)
+    tl.store(w_ptr + tok, w, mask=valid)
+    root_w = tl.sqrt(tl.where(valid, w, 1.0))
+    for kb in range(0, K, BKB):
+        cols = kb + tl.arange(0, BKB)
+        mask = valid[:, None] & (cols < K)[None, :]
+        offs = tok[:, None] * K + cols[None, :]
+        u = tl.load(us_ptr + offs, mask=mask, other=0.0).to(tl.float32) / root_w[:, None]
+        tl.store(u_ptr + offs, u, mask=mask)
+        if U_COPY:
+            tl.store(ud_ptr + offs, u.to(ud_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -808,6 +877,10 @@ class Plan:
         self.n_slots = self.n_chunks + self.n_docs
         self.per_doc = _to_device(per_doc, device)
 
+    def final_slots(self):
+        """The slot of every document's final state (after its last chunk), int64."""
+        return self.slot0.long() + self.per_doc
+
 
 _PLANS = {}
 
@@ -848,6 +921,10 @@ COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 4, 4, 2, 2
 # keeping whole [16, K] key blocks in registers spilled: 5.3 ms at K = 256 with 2 warps).
 RESET_SYSTEM_BLOCKED, RESET_BLOCKED_WARPS = 1, 1
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
+# The backward's covariance replay (_cov_replay_kernel, one program per tile pair of P: its
+# tile width and warps) and the unpacking of the saved factors and write directions
+# (_unpack_kernel, one program per chunk).
+REPLAY_BLOCK, REPLAY_WARPS, UNPACK_WARPS = 64, 4, 4
 # The most programs that share one (document, head)'s covariance sweeps (cov_split), each
 # owning some column tiles of P and meeting the others at two barriers per chunk (the backward's
 # at one). On an H100 (one run, bayes fwd+bwd): 40.8 → 34.2 ms at (8, 4096, 6, 256, 512) (split
@@ -956,6 +1033,17 @@ def slot_dtype(k):
     return torch.bfloat16 if k.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def write_dtype(k):
+    """dtype of bayes' saved write directions Ũ = diag(√w) U [B·T, H, K], from which the backward
+    replays the covariances (_cov_replay_kernel): fp16 for 16-bit keys, else fp32. fp16 keeps
+    11 significant bits, those of the TF32 products that take Ũ on a GPU anyway, in half the
+    memory of fp32 (the saved-memory target: at most 2x what Gated DeltaNet saves). The √w
+    scaling bounds its range: u_t = P̄_t k_t and s_t ≥ k_tᵀ P̄_t k_t give
+    |ũ_t| = |u_t| / √s_t ≤ √λ_max(P̄_t) · |k_t|, far below fp16's 65504 for unit keys and
+    covariances of order 1 (chunk_forward checks that it stayed finite)."""
+    return torch.float16 if k.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _v_block(V, cap):
     """A power-of-two block of the value dimension: V rounded up, at least 16, at most cap."""
     return max(16, min(triton.next_power_of_2(V), cap))
@@ -1004,14 +1092,24 @@ def launch_staged(kernel, grid, *args, num_stages, **kwargs):
     return kernel[grid](*args, num_stages=1, **kwargs)
 
 
-def _check_pivots(w):
+def _check_pivots(w, p_final, writes):
     """The pivots s_t = 1 / w_t of every chunk's LDLᵀ must be positive and finite; else S lost
-    positive definiteness (as the chunked path reports when its Cholesky fails)."""
-    if not bool((torch.isfinite(w) & (w > 0)).all()):
+    positive definiteness (as the chunked path reports when its Cholesky fails). The final
+    covariances must be finite too: a write direction that overflowed fp16 (write_dtype) makes
+    every later P, so the final one, infinite or NaN. One read-back."""
+    if bool(((torch.isfinite(w) & (w > 0)).all() & torch.isfinite(p_final).all())):
+        return
+    # An overflow leaves inf in the saved directions; an indefinite S leaves NaN (√w of w < 0).
+    if writes.dtype == torch.float16 and bool(torch.isinf(writes).any()):
         raise ValueError(
-            "bayes_filter: the innovation covariance of a chunk is not positive definite. "
-            "This happens when beta is too close to 1 for repeated keys, or when the prior or "
-            "initial P is not positive definite; keep beta <= 0.999 or raise prior_scale.")
+            "bayes_filter: the covariance became infinite: the write directions P̄k/√s overflowed "
+            "float16, in which the Triton backend keeps them for 16-bit keys. Their size is about "
+            "√(largest variance of P) times |k|: use unit-norm keys and a prior_scale or initial "
+            "covariance of moderate size, or pass fp32 inputs.")
+    raise ValueError(
+        "bayes_filter: the innovation covariance of a chunk is not positive definite. "
+        "This happens when beta is too close to 1 for repeated keys, or when the prior or "
+        "initial P is not positive definite; keep beta <= 0.999 or raise prior_scale.")
 
 
 @dataclass
@@ -1019,19 +1117,20 @@ class Intermediates:
     """What the first two forward passes leave behind, token-major [B·T, H, ...] fp32 unless
     noted: the chunk-boundary states h_slots [n_slots, H, K, V] (slot_dtype; a document's last
     slot unused), the final states s_final [N, H, K, V] and p_slots [n_slots, H, K, K]
-    (bayes, else None); the write directions u (reset: the keys k themselves) and u_dots, the
-    copy that the value kernels' products read (bayes with 16-bit keys: u in the keys' dtype,
-    as reset reads its keys; else u itself); gains w (reset: beta); L⁻¹ of every chunk's
-    system [B·T, H, C]; innovations e [B·T, H, V] (innovation_dtype); the whitened keys wkeys = L⁻¹ K̃
-    [B·T, H, K] (the keys' dtype when they are dot operands); the prior part of the
-    predictive variance vpri (bayes with output_variance, else None); L itself (bayes, else
-    None) and what the backward's rerun may be given back as factors: bayes' packed factors (L
-    below the diagonal, L⁻¹ᵀ above, w on it), reset's L⁻¹."""
+    (bayes, else None); the write directions u (reset: the keys k themselves; bayes: only in
+    the backward's rerun, else None) and u_dots, the copy that the value kernels' products
+    read (bayes with 16-bit keys: U in the keys' dtype, as reset reads its keys; else fp32 U);
+    gains w (reset: beta); L⁻¹ of every chunk's system [B·T, H, C]; innovations e [B·T, H, V]
+    (innovation_dtype); the whitened keys wkeys = L⁻¹ K̃ [B·T, H, K] (the keys' dtype when they
+    are dot operands); the prior part of the predictive variance vpri (bayes with
+    output_variance, else None); L itself (bayes, else None) and what the backward's rerun is
+    given back: as factors bayes' packed factors (L below the diagonal, L⁻¹ᵀ above, w on it)
+    or reset's L⁻¹, and bayes' write directions Ũ = diag(√w) U (write_dtype) as writes."""
 
     h_slots: torch.Tensor
     s_final: torch.Tensor
     p_slots: Optional[torch.Tensor]
-    u: torch.Tensor
+    u: Optional[torch.Tensor]
     u_dots: torch.Tensor
     w: torch.Tensor
     linv: torch.Tensor
@@ -1040,14 +1139,18 @@ class Intermediates:
     vpri: Optional[torch.Tensor]
     l: Optional[torch.Tensor] = None
     packed: Optional[torch.Tensor] = None
+    writes: Optional[torch.Tensor] = None
 
 
-def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size, factors=None):
+def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size, factors=None,
+                 writes=None):
     """Passes 1 and 2 of the forward (covariance or reset system, then the mean h-loop).
     Inputs [B, T, H, ...] contiguous (noise fp32, bayes only); S0 [N, H, K, V] fp32,
-    P0 [N, H, K, K] fp32 (bayes) or None; factors: what an earlier run on the same inputs
-    returned as `packed` (bayes' packed factors, reset's L⁻¹, both [B·T, H, C] fp32): the
-    backward's rerun skips the factorisation or the system's inverse then.
+    P0 [N, H, K, K] fp32 (bayes) or None. The backward's rerun passes what the forward
+    returned as `packed` (factors: bayes' packed factors, reset's L⁻¹, both [B·T, H, C] fp32)
+    and, for bayes, as `writes` (the write directions Ũ [B·T, H, K]): it then skips reset's
+    system inverse, and bayes replays its covariances from Ũ in parallel over P's tiles
+    (_cov_replay_kernel) instead of sweeping the chunks' factorisations again.
     Returns Intermediates; the final state of document n is s_final[n] (and slot
     slot0[n] + NT_n of p_slots)."""
     B, T, H, K = q.shape
@@ -1065,27 +1168,39 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     p_slots = None
     vpri = None
     l_factor = None
+    u = None
     if mode == "bayes":
         p_slots = torch.empty(plan.n_slots, H, K, K, **f32)
         p_slots[plan.slot0.long()] = P0.float()
-        u = torch.empty(n_tok, H, K, **f32)
         u_copy = key_dots(k) and k.dtype != torch.float32
-        u_dots = torch.empty(n_tok, H, K, dtype=k.dtype, device=dev) if u_copy else u
+        u_dots = torch.empty(n_tok, H, K, dtype=k.dtype if u_copy else torch.float32, device=dev)
         l_factor, w = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, **f32)
-        packed = torch.empty(n_tok, H, C, **f32) if factors is None else factors
-        vpri = torch.empty(n_tok, H, **f32) if output_variance else None
         groups = plan.n_docs * H
-        scratch = torch.empty(groups, C, K, **f32)
         BP = min(BK, COV_BLOCK)
-        NS, cov_warps = cov_launch(K, BP, groups, dev)
-        sync = torch.zeros(1 + groups, dtype=torch.int32, device=dev)
-        elim = torch.empty(groups * NS * 4 * C * C, **f32) if factors is None else w   # _ldl_inverse's
-        shares = torch.empty(groups * NS * (2 * C * C + 2 * C), **f32) if NS > 1 else w
-        _bayes_cov_kernel[(groups * NS,)](
-            k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, elim, u, u_dots, linv, l_factor, w, packed,
-            vpri if vpri is not None else w, shares, sync, H,
-            K=K, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance,
-            GIVEN_FACTORS=factors is not None, U_COPY=u_copy, NS=NS, num_warps=cov_warps, num_stages=COV_STAGES)
+        if factors is None:
+            packed = torch.empty(n_tok, H, C, **f32)
+            writes = torch.empty(n_tok, H, K, dtype=write_dtype(k), device=dev)
+            vpri = torch.empty(n_tok, H, **f32) if output_variance else None
+            scratch = torch.empty(groups, C, K, **f32)
+            NS, cov_warps = cov_launch(K, BP, groups, dev)
+            sync = torch.zeros(1 + groups, dtype=torch.int32, device=dev)
+            elim = torch.empty(groups * NS * 4 * C * C, **f32)     # _ldl_inverse's
+            shares = torch.empty(groups * NS * (2 * C * C + 2 * C), **f32) if NS > 1 else w
+            _bayes_cov_kernel[(groups * NS,)](
+                k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, elim, writes, u_dots, linv, l_factor,
+                w, packed, vpri if vpri is not None else w, shares, sync, H,
+                K=K, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, NS=NS,
+                num_warps=cov_warps, num_stages=COV_STAGES)
+        else:
+            packed = factors
+            u = torch.empty(n_tok, H, K, **f32)
+            u_dots = u_dots if u_copy else u
+            _unpack_kernel[(plan.n_chunks, H)](packed, writes, plan.chunks, plan.cu, linv, l_factor, w, u, u_dots, H,
+                                               K=K, BKB=min(BK, 64), C=C, U_COPY=u_copy, num_warps=UNPACK_WARPS)
+            BR = min(BK, REPLAY_BLOCK)
+            NB = triton.cdiv(K, BR)
+            _cov_replay_kernel[(NB * NB, groups)](writes, g, noise, plan.cu, plan.slot0, p_slots, H,
+                                                  K=K, BP=BR, C=C, NB=NB, num_warps=REPLAY_WARPS)
     else:
         if reset_linv_given:
             pass                                # the forward's L⁻¹, taken above
@@ -1108,7 +1223,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), UPDATE_16=update_16,
         num_warps=mean_warps, num_stages=MEAN_STAGES)
     return Intermediates(h_slots, s_final, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor,
-                         packed if mode == "bayes" else linv)
+                         packed if mode == "bayes" else linv, writes)
 
 
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
@@ -1116,7 +1231,8 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
 
     Returns (o, variance or None, the final states [N, H, K, V] fp32, p_slots [n_slots, H, K, K]
     or None, the factors [B·T, H, C] fp32 for the backward: bayes' packed LDLᵀ factors, reset's
-    L⁻¹).
+    L⁻¹, and bayes' write directions Ũ [B·T, H, K] (write_dtype; None for reset), also for the
+    backward).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -1136,5 +1252,6 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
     if output_variance and mode != "bayes":
         variance.zero_()
     if mode == "bayes":
-        _check_pivots(mid.w)      # reads back from the GPU: only after every forward launch
-    return o, variance, mid.s_final, mid.p_slots, mid.packed
+        # reads back from the GPU: only after every forward launch
+        _check_pivots(mid.w, mid.p_slots[plan.final_slots()], mid.writes)
+    return o, variance, mid.s_final, mid.p_slots, mid.packed, mid.writes

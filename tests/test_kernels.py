@@ -225,6 +225,18 @@ def case_indefinite_initial_covariance_raises():
     return raised, 0.0
 
 
+def case_overflowing_write_directions_raise():
+    """bf16 inputs with a prior variance of 1e12: the saved write directions P̄k/√s (about 1e6,
+    fp16 for 16-bit keys: chunk_fwd.write_dtype) overflow, and the op says so instead of
+    returning infinite covariances or blaming positive definiteness."""
+    inputs = make_inputs(B=1, T=40, H=1, K=16, V=16, dtype=torch.bfloat16)
+    try:
+        bayes_filter(*inputs, backend="triton", chunk_size=16, prior_scale=1e12, check_inputs=False)
+        return {"raised": 1.0}, 0.0
+    except ValueError as exc:
+        return {"raised": 0.0 if "overflowed float16" in str(exc) else 1.0}, 0.0
+
+
 def case_compiled_fullgraph_matches_eager():
     """torch.compile(fullgraph=True) of a block calling the filter: forward and backward are the
     custom ops, and the gradients match the eager ones."""

@@ -201,6 +201,7 @@ def test_b_block_saves_only_what_backward_needs(precision, doc_len):
       q, k, v projection outputs (the short convolutions' input)          2·H·K + H·V
       the filter op's q, k, v (the Triton op saves its inputs)             2·H·K + H·V
       the filter op's chunk factors (fp32)                                4·H·C bytes
+      the filter op's write directions (fp16), replaying P in backward    H·K
       the filter output o and the output gate (gated RMSNorm)             2·H·V
       the gated RMSNorm's output (o_proj's weight gradient)               H·V
       the MLP's gate and up projections, and silu(gate)·up (down_proj)    3·M
@@ -218,7 +219,7 @@ def test_b_block_saves_only_what_backward_needs(precision, doc_len):
     K, V, M = block.attn.head_k_dim, block.attn.head_v_dim, block.mlp.gate_proj.out_features
     C = block.attn.chunk_size
     residual = 4 if precision == "autocast" else 2  # autocast keeps fp32 parameters and residuals
-    bound = (residual * 2 * D + 2 * (2 * D + 4 * H * K + 5 * H * V + 3 * M) + 4 * H * C
+    bound = (residual * 2 * D + 2 * (2 * D + 5 * H * K + 5 * H * V + 3 * M) + 4 * H * C
              + 4 * (16 * H + 4))
     if doc_len:
         bound += 8 + (4 * H * K * (V + K) + 8) / doc_len

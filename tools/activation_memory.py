@@ -18,8 +18,8 @@ The filter. On CPU `bayes_filter` takes the chunked PyTorch path, whose autograd
 every chunk intermediate; on a GPU the Triton custom op (kernels/ops.py) saves its inputs
 and each chunk's factors. The block therefore runs the real op without grad and wraps it in a
 stand-in that saves what the custom op saves (q, k, v, g, beta, the fp32 process noise, the
-initial states, the chunk factors [B·T, H, C] fp32: bayes' packed LDLᵀ factors, reset's L⁻¹),
-so these numbers are the GPU's. `--filter chunked` measures the CPU path instead.
+initial states, the chunk factors [B·T, H, C] fp32: bayes' packed LDLᵀ factors, reset's L⁻¹,
+and bayes' write directions [B·T, H, K], fp16 for 16-bit keys), so these numbers are the GPU's. `--filter chunked` measures the CPU path instead.
 
 Each storage is counted once (a tensor saved by several ops, e.g. the normed input of the six
 projections, is one allocation), charged to the first module that saved it; parameters are
@@ -40,6 +40,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from titan_bayes.kernels.chunk_fwd import write_dtype  # noqa: E402
 from titan_bayes.models import model as model_module  # noqa: E402
 from titan_bayes.models.args import flavors_for, with_overrides  # noqa: E402
 from titan_bayes.models.model import Block, HeadParams  # noqa: E402
@@ -53,8 +54,8 @@ class _SavesLikeKernel(torch.autograd.Function):
     """Output of the real filter; saves the tensors kernels/ops.py's custom op saves."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, noise, S0, P0, factors, o):
-        ctx.save_for_backward(q, k, v, g, beta, noise, S0, P0, factors)
+    def forward(ctx, q, k, v, g, beta, noise, S0, P0, factors, writes, o):
+        ctx.save_for_backward(q, k, v, g, beta, noise, S0, P0, factors, writes)
         return o.clone()
 
     @staticmethod
@@ -83,7 +84,8 @@ def kernel_like_filter(q, k, v, g, beta, *, mode, process_noise=None, prior_scal
     P0 = torch.empty(0) if P0 is None else P0
     inputs = [t.contiguous() for t in (q, k, v, g, beta, noise, S0, P0)]
     factors = torch.empty(B * T, H, chunk_size)
-    return _SavesLikeKernel.apply(*inputs, factors, o), None
+    writes = torch.empty(B * T, H, K, dtype=write_dtype(k)) if mode == "bayes" else torch.empty(0)
+    return _SavesLikeKernel.apply(*inputs, factors, writes, o), None
 
 
 _real_filter = model_module.bayes_filter
