@@ -72,6 +72,15 @@ def output_adjoints(B, T, N, H, K, V, seed):
             torch.randn(N, H, K, K, generator=gen, device="cuda"))
 
 
+def exact_writes(monkeypatch, chunk_fwd):
+    """Keep bayes' saved write directions in fp32 (chunk_fwd.write_dtype), for the tests that
+    compare two launches of the same kernels: with fp16 storage a difference of summation order
+    (1e-7) flips the rounding of some directions (5e-4 each), which the backward carries into
+    dg at ~1e-3 (measured in Triton's interpreter with fp32 inputs: dg 6.8e-7 → 8.8e-4 against
+    the float64 filter). The fp16 storage itself is covered by test_matches_fp32_reference."""
+    monkeypatch.setattr(chunk_fwd, "write_dtype", lambda k: torch.float32)
+
+
 def run_differences(first, second):
     """Relative RMS differences between two `run` results with gradients, by name."""
     (o, S, P, _, d), (o_2, S_2, P_2, _, d_2) = first, second
@@ -173,6 +182,7 @@ def test_covariance_split_over_programs_matches_one_program(monkeypatch):
     in which S and the backward's W are summed, and P stays exactly symmetric."""
     from titan_bayes.kernels import chunk_fwd
     T, H, K, V = 2000, 3, 256, 128
+    exact_writes(monkeypatch, chunk_fwd)
     inputs = gdn_inputs(1, T, H, K, V, seed=13)
     cu = documents(T, 2, seed=14)
     assert chunk_fwd.cov_split(K, chunk_fwd.COV_BLOCK, 2 * H, "cuda", chunk_fwd.COV_PER_SM) == 4
@@ -192,6 +202,7 @@ def test_covariance_kernel_warps_do_not_change_results(monkeypatch):
     an SM to itself (as here) and COV_WARPS elsewhere: both launches compute the same filter."""
     from titan_bayes.kernels import chunk_fwd
     T, H, K, V = 1000, 3, 128, 64
+    exact_writes(monkeypatch, chunk_fwd)
     inputs = gdn_inputs(1, T, H, K, V, seed=16)
     cu = documents(T, 2, seed=17)
     assert chunk_fwd.COV_WARPS_ALONE != chunk_fwd.COV_WARPS
@@ -207,6 +218,38 @@ def test_covariance_kernel_warps_do_not_change_results(monkeypatch):
     # Only the order in which the tile products sum differs, carried through the sweep (as in the
     # split test above: up to ~1e-4 on an H100); a wrong layout or a lost tile moves them by O(1).
     assert all(e <= 1e-3 for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("K", [256, 128])
+def test_backward_replays_the_forward_covariances(K):
+    """The backward's rerun replays P from the forward's saved write directions in parallel over
+    P's tiles (chunk_fwd._cov_replay_kernel) and unpacks the saved factors (_unpack_kernel): it
+    must hand the backward kernels every chunk's covariance, factors and write directions as the
+    forward computed them (documents of uneven lengths: chunks that end early)."""
+    from titan_bayes.kernels import chunk_fwd
+    from titan_bayes.ops import filter_math as fm
+    T, H, V = 3000, 3, 64
+    q, k, v, g, beta = gdn_inputs(1, T, H, K, V, seed=19)
+    cu = documents(T, 3, seed=20)
+    plan = chunk_fwd.plan_for(1, T, cu, 32, "cuda")
+    noise = fm.stationary_process_noise(g.float())
+    S0 = torch.zeros(3, H, K, V, device="cuda")
+    P0 = torch.eye(K, device="cuda").expand(3, H, K, K).contiguous()
+    fwd = chunk_fwd.chunk_states("bayes", q, k, v, g, beta, noise, S0, P0, plan, False, 32)
+    rerun = chunk_fwd.chunk_states("bayes", q, k, v, g, beta, noise, S0, P0, plan, False, 32,
+                                   factors=fwd.packed, writes=fwd.writes)
+    assert fwd.writes.dtype == torch.float16 and fwd.u is None
+    # P: the same products on the same operands, up to the order within a tile product (TF32
+    # MMAs of another launch shape); a wrong tile, orientation or chunk scaling moves it by O(1e-2).
+    assert (rerun.p_slots - fwd.p_slots).abs().max().item() <= 1e-6
+    assert torch.equal(rerun.p_slots, rerun.p_slots.transpose(-1, -2))
+    for name in ("w", "linv", "l", "u_dots", "s_final", "e"):
+        assert torch.equal(getattr(rerun, name), getattr(fwd, name)), name
+    used = torch.ones(plan.n_slots, dtype=torch.bool, device="cuda")
+    used[plan.final_slots()] = False                      # a document's last h slot stays unwritten
+    assert torch.equal(rerun.h_slots[used], fwd.h_slots[used])
+    # U in fp32 is what the forward rounded for the value kernels, before that rounding.
+    assert torch.equal(rerun.u.to(fwd.u_dots.dtype), fwd.u_dots)
 
 
 def test_covariance_stays_positive_definite_over_65536_tokens():
