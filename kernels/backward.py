@@ -66,6 +66,9 @@ COV_SWEEP_WARPS = 4
 # (8, 4096, 6, 256, 512) split 4 ways, 5.43 → 5.09 ms on an H100.
 COV_SWEEP_PER_SM = 2
 COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk_fwd.COV_STAGES)
+# Forming chunk i − 1's Z = U dP_i from dP_i's tiles while the sweep writes them (as the forward
+# forms the next chunk's K̃ P), instead of a separate pass reading dP_i again, was slower on an
+# H100: sweep 3.80 → 3.98 ms at (8, 4096, 6, 256, 512), 1.58 → 1.63 at (8, 4096, 8, 128, 128).
 # The chunk-parallel value and reset kernels (chunk_bwd.py). Reset's square and key kernels: on
 # an H100 4 warps took them from 1.11 + 1.84 to 1.03 + 1.29 ms at (8, 4096, 6, 256, 512) and from
 # 0.62 + 0.81 to 0.60 + 0.55 at (8, 4096, 8, 128, 128) against 8.

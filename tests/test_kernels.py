@@ -84,6 +84,14 @@ def case_bayes_strong_decays_chunk_32():
     return _compare("bayes", inputs, chunk_size=32), 5 * FP32_TOL
 
 
+def case_bayes_covariance_adjoint_crosses_chunks():
+    # Weak decays (Γ_C ≈ 0.9 per chunk, not e^-5 as above) and weak writes: the covariance adjoint
+    # carried by the backward's sweep (dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i) reaches chunks far from the
+    # end, so an error in its propagation shows in every chunk's gradients, not only in dP_0.
+    inputs = make_inputs(B=1, T=96, H=2, K=32, V=16, seed=19, decay_scale=0.02, beta_range=(0.05, 0.3))
+    return _compare("bayes", inputs), FP32_TOL
+
+
 def case_bayes_chunk_64_full_chunks():
     return _compare("bayes", make_inputs(B=1, T=128, H=1, K=32, V=32, seed=6), chunk_size=64), FP32_TOL
 
