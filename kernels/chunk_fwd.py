@@ -14,7 +14,9 @@ Passes (all fp32 state math; the matrix products run on tensor cores, TF32 for f
      tiles (cov_split), sweeps the chunks carrying P (in its slots, global memory: it fits L2
      and serves K up to 256 with one code path).
      Per chunk it builds S, factorises S = L D Lᵀ, and stores L⁻¹, w = 1/D, the write
-     directions U and the prior part of the predictive variance.
+     directions U (and diag(√w) U, from which, with the saved factors, the backward's rerun
+     replays P in parallel over P's tiles: `_cov_replay_kernel`, `_unpack_kernel`) and the
+     prior part of the predictive variance.
      reset: `_reset_system_blocked_kernel` (chunks of 32 and 64; `_reset_system_kernel` for 16),
      parallel over chunks, inverts the delta-rule system.
   2. `_whiten_kernel`, parallel over chunks: W = L⁻¹ K̃ and L⁻¹ V. Then `_mean_kernel`, one
@@ -923,7 +925,9 @@ RESET_SYSTEM_BLOCKED, RESET_BLOCKED_WARPS = 1, 1
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
 # The backward's covariance replay (_cov_replay_kernel, one program per tile pair of P: its
 # tile width and warps) and the unpacking of the saved factors and write directions
-# (_unpack_kernel, one program per chunk).
+# (_unpack_kernel, one program per chunk). On an H100 the replay took 0.93 and 0.45 ms at
+# (8, 4096, 6, 256, 512) and (8, 4096, 8, 128, 128) with (64, 4); (32, 4) 1.30 and 0.63,
+# (64, 8) 0.98 and 0.52. It writes every chunk's P (1.6 GB at the first shape).
 REPLAY_BLOCK, REPLAY_WARPS, UNPACK_WARPS = 64, 4, 4
 # The most programs that share one (document, head)'s covariance sweeps (cov_split), each
 # owning some column tiles of P and meeting the others at two barriers per chunk (the backward's
