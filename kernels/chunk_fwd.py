@@ -368,7 +368,7 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         valid_next = rows_next < eos
         tok_next, _, _, gamma_next, d_next = _chunk_scalings(g_ptr, noise_ptr, rows_next, valid_next, h, H, C)
         S, KK, q_P_q, q_sq = _update_covariance(
-            us_ptr, p_base, p_base + H * K * K, tok, valid, lg, decay, d, part,
+            us_ptr, p_base, p_base + H * K * K, tok, valid, g_ptr, noise_ptr, part,
             k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next,
             K, BP, C, NS, WITH_VARIANCE)
         tl.debug_barrier()                                     # next chunk reads the new P
@@ -485,18 +485,19 @@ def _p_tile(p_base, a, b, K: tl.constexpr, BP: tl.constexpr):
 
 
 @triton.jit
-def _chunk_end_scalings(lg, decay, d, C: tl.constexpr):
-    """The weights Λ_C,t² of the chunk's writes in P_C, and Γ_C, d_C (the decay and the noise
-    accumulated over the whole chunk)."""
-    idx = tl.arange(0, C)
-    last = _last_row(decay, C)
-    gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
-    d_C = tl.sum(tl.where(idx == C - 1, d, 0.0), 0)
-    return last * last, gamma_C, d_C
+def _write_weights(g_ptr, noise_ptr, tok, valid, C: tl.constexpr):
+    """What P_C = Γ_C² P0 + d_C I − Ũᵀ diag(weight) Ũ takes of the chunk: the weights Λ_C,t² of
+    its writes, Γ_C and d_C = Σ_t Λ_C,t² q_t (the noise accumulated over the whole chunk), from
+    the log decays and the noise alone (row C − 1 of Λ, no [C, C] decays), so the forward's
+    update and the backward's replay form them alike."""
+    _, gamma_C, last = _chunk_end(g_ptr, tok, valid, C)
+    weight = last * last
+    noise = tl.load(noise_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    return weight, gamma_C, tl.sum(weight * noise, 0)
 
 
 @triton.jit
-def _update_covariance(us_ptr, p_old, p_new, tok, valid, lg, decay, d, part,
+def _update_covariance(us_ptr, p_old, p_new, tok, valid, g_ptr, noise_ptr, part,
                        k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next,
                        K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NS: tl.constexpr,
                        WITH_VARIANCE: tl.constexpr):
@@ -508,7 +509,7 @@ def _update_covariance(us_ptr, p_old, p_new, tok, valid, lg, decay, d, part,
     chunk's K̃ P_C and Q P_C (_keys_times, _key_block_sums): returns the next chunk's sums and
     leaves its X in the scratch."""
     pp = tl.arange(0, BP)
-    weight, gamma_C, d_C = _chunk_end_scalings(lg, decay, d, C)
+    weight, gamma_C, d_C = _write_weights(g_ptr, noise_ptr, tok, valid, C)
     S = tl.zeros([C, C], dtype=tl.float32)
     KK = tl.zeros([C, C], dtype=tl.float32)
     q_P_q = tl.zeros([C], dtype=tl.float32)
@@ -557,8 +558,8 @@ def _cov_replay_kernel(us_ptr, g_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, H,
         for i in range(tl.cdiv(eos - bos, C)):
             rows = bos + i * C + idx
             valid = rows < eos
-            tok, lg, decay, _, d = _chunk_scalings(g_ptr, noise_ptr, rows, valid, h, H, C)
-            weight, gamma_C, d_C = _chunk_end_scalings(lg, decay, d, C)
+            tok = rows * H + h
+            weight, gamma_C, d_C = _write_weights(g_ptr, noise_ptr, tok, valid, C)
             tile = _covariance_tile(us_ptr, tile, tok, valid, a, b, weight, gamma_C, d_C, K, BP)
             p_new = p_ptr + ((slot0 + i + 1) * H + h).to(tl.int64) * K * K
             tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile, mask=mask)
@@ -1177,13 +1178,13 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         p_slots = torch.empty(plan.n_slots, H, K, K, **f32)
         p_slots[plan.slot0.long()] = P0.float()
         u_copy = key_dots(k) and k.dtype != torch.float32
-        u_dots = torch.empty(n_tok, H, K, dtype=k.dtype if u_copy else torch.float32, device=dev)
         l_factor, w = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, **f32)
         groups = plan.n_docs * H
         BP = min(BK, COV_BLOCK)
         if factors is None:
             packed = torch.empty(n_tok, H, C, **f32)
             writes = torch.empty(n_tok, H, K, dtype=write_dtype(k), device=dev)
+            u_dots = torch.empty(n_tok, H, K, dtype=k.dtype if u_copy else torch.float32, device=dev)
             vpri = torch.empty(n_tok, H, **f32) if output_variance else None
             scratch = torch.empty(groups, C, K, **f32)
             NS, cov_warps = cov_launch(K, BP, groups, dev)
@@ -1198,7 +1199,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         else:
             packed = factors
             u = torch.empty(n_tok, H, K, **f32)
-            u_dots = u_dots if u_copy else u
+            u_dots = torch.empty(n_tok, H, K, dtype=k.dtype, device=dev) if u_copy else u
             _unpack_kernel[(plan.n_chunks, H)](packed, writes, plan.chunks, plan.cu, linv, l_factor, w, u, u_dots, H,
                                                K=K, BKB=min(BK, 64), C=C, U_COPY=u_copy, num_warps=UNPACK_WARPS)
             BR = min(BK, REPLAY_BLOCK)

@@ -19,7 +19,8 @@ every chunk intermediate; on a GPU the Triton custom op (kernels/ops.py) saves i
 and each chunk's factors. The block therefore runs the real op without grad and wraps it in a
 stand-in that saves what the custom op saves (q, k, v, g, beta, the fp32 process noise, the
 initial states, the chunk factors [B·T, H, C] fp32: bayes' packed LDLᵀ factors, reset's L⁻¹,
-and bayes' write directions [B·T, H, K], fp16 for 16-bit keys), so these numbers are the GPU's. `--filter chunked` measures the CPU path instead.
+and bayes' write directions [B·T, H, K], fp16 for 16-bit keys), so these numbers are the
+GPU's. `--filter chunked` measures the CPU path instead.
 
 Each storage is counted once (a tensor saved by several ops, e.g. the normed input of the six
 projections, is one allocation), charged to the first module that saved it; parameters are
