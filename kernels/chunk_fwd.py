@@ -11,8 +11,8 @@ and the last h slot of a document stays unused.
 
 Passes (all fp32 state math; the matrix products run on tensor cores, TF32 for fp32 operands):
   1. bayes: `_bayes_cov_kernel`, one program per (document, head) or a few sharing its column
-     tiles (cov_split), sweeps the chunks carrying P (in its slots, global memory: it fits L2
-     and serves K up to 256 with one code path).
+     tiles (cov_split), sweeps the chunks carrying P (in global memory, two buffers alternating
+     by chunk: it fits L2 and serves K up to 256 with one code path).
      Per chunk it builds S, factorises S = L D Lᵀ, and stores L⁻¹, w = 1/D, the write
      directions U (and diag(√w) U, from which, with the saved factors, the backward's rerun
      replays P in parallel over P's tiles: `_cov_replay_kernel`, `_unpack_kernel`) and the
@@ -266,7 +266,7 @@ def _group_barrier(count_ptr, arrivals):
 
 
 @triton.jit
-def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, x_ptr, elim_ptr,
+def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, p_ptr, pfin_ptr, x_ptr, elim_ptr,
                       us_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, f_ptr, vpri_ptr, part_ptr, sync_ptr, H,
                       K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
                       R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, NS: tl.constexpr):
@@ -287,15 +287,15 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
     group, part = _split_program(sync_ptr, NS)
     n, h = group // H, group % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
-    slot0 = tl.load(slot_ptr + n)
     idx = tl.arange(0, C)
     pp = tl.arange(0, BP)
     cc = idx[:, None] * C + idx[None, :]
+    p_buf = p_ptr + group.to(tl.int64) * 2 * K * K       # P of the chunk and of the next, alternating
     x_base = x_ptr + group * C * K        # scratch for X = diag(Γ²) K P0 + diag(d) K
     count_ptr = sync_ptr + 1 + group
     part_base = part_ptr + group * NS * (2 * C * C + 2 * C)
     arrivals = 0
-    S, KK, q_P_q, q_sq = _first_key_products(k_ptr, q_ptr, g_ptr, noise_ptr, p_ptr + (slot0 * H + h).to(tl.int64) * K * K,
+    S, KK, q_P_q, q_sq = _first_key_products(k_ptr, q_ptr, g_ptr, noise_ptr, p_buf,
                                              x_base, bos, eos, h, H, part, K, BP, C, NS, WITH_VARIANCE)
     for i in range(tl.cdiv(eos - bos, C)):
         rows = bos + i * C + idx
@@ -303,7 +303,11 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         tok, lg, decay, gamma, d = _chunk_scalings(g_ptr, noise_ptr, rows, valid, h, H, C)
         beta = tl.load(beta_ptr + tok, mask=valid, other=0.5).to(tl.float32)
         r = tl.where(valid, tl.maximum((1.0 - beta) / beta, R_MIN), 1.0)
-        p_base = p_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * K
+        p_old = p_buf + (i % 2) * K * K
+        if i == tl.cdiv(eos - bos, C) - 1:                     # the document's final P
+            p_new = pfin_ptr + group.to(tl.int64) * K * K
+        else:
+            p_new = p_buf + ((i + 1) % 2) * K * K
         if NS > 1:
             # Sum the parts' shares in one fixed order, so every part factorises the same S.
             # One buffer serves every chunk: no part writes chunk i + 1's share before all
@@ -368,7 +372,7 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, slot_ptr
         valid_next = rows_next < eos
         tok_next, _, _, gamma_next, d_next = _chunk_scalings(g_ptr, noise_ptr, rows_next, valid_next, h, H, C)
         S, KK, q_P_q, q_sq = _update_covariance(
-            us_ptr, p_base, p_base + H * K * K, tok, valid, g_ptr, noise_ptr, part,
+            us_ptr, p_old, p_new, tok, valid, g_ptr, noise_ptr, part,
             k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next,
             K, BP, C, NS, WITH_VARIANCE)
         tl.debug_barrier()                                     # next chunk reads the new P
@@ -924,6 +928,15 @@ COV_WARPS, OUT_WARPS, RESET_SYSTEM_WARPS, WHITEN_WARPS = 4, 4, 2, 2
 # keeping whole [16, K] key blocks in registers spilled: 5.3 ms at K = 256 with 2 warps).
 RESET_SYSTEM_BLOCKED, RESET_BLOCKED_WARPS = 1, 1
 COV_BLOCK = 64      # columns of P per tile in the covariance sweep
+# Tried and not kept (H100, Triton 3.6): P formed only every few chunks (a window), each chunk's
+# products K P_i Kᵀ and K P_i taken from the window's start P and C × C products with the
+# window's earlier writes (P_i = a P_s + b I − Σ_l Ũ_lᵀ diag(e_l) Ũ_l), to take the per-chunk update
+# of all of P off the serial path. Correct (interpreter and GPU tests passed), but the covariance
+# kernel got slower: 4.38 → 5.30 ms (4-chunk windows) and 4.96 (2) at (8, 4096, 6, 256, 512),
+# 2.63 → 2.96 and 2.77 at (8, 4096, 8, 128, 128), spilling 94–110 registers at 4 warps. Per
+# chunk (K = 256, globaltimer stamps) the update of 15 µs became 6.7 µs of shares, 6.2 of
+# summing them, and a window end that still applies each chunk's update to every tile (44 µs per
+# window); the small products stay latency-bound like the update they replaced.
 # The backward's covariance replay (_cov_replay_kernel, one program per tile pair of P: its
 # tile width and warps) and the unpacking of the saved factors and write directions
 # (_unpack_kernel, one program per chunk). On an H100 the replay took 0.93 and 0.45 ms at
@@ -1121,9 +1134,10 @@ def _check_pivots(w, p_final, writes):
 class Intermediates:
     """What the first two forward passes leave behind, token-major [B·T, H, ...] fp32 unless
     noted: the chunk-boundary states h_slots [n_slots, H, K, V] (slot_dtype; a document's last
-    slot unused), the final states s_final [N, H, K, V] and p_slots [n_slots, H, K, K]
-    (bayes, else None); the write directions u (reset: the keys k themselves; bayes: only in
-    the backward's rerun, else None) and u_dots, the copy that the value kernels' products
+    slot unused), the final states s_final [N, H, K, V]; bayes' covariances (else None): the
+    forward's final ones p_final [N, H, K, K] (its sweep keeps no other) and, in the backward's
+    rerun, every chunk's start covariance p_slots [n_slots, H, K, K]; the write directions u
+    (reset: the keys k themselves; bayes: only in the backward's rerun, else None) and u_dots, the copy that the value kernels' products
     read (bayes with 16-bit keys: U in the keys' dtype, as reset reads its keys; else fp32 U);
     gains w (reset: beta); L⁻¹ of every chunk's system [B·T, H, C]; innovations e [B·T, H, V]
     (innovation_dtype); the whitened keys wkeys = L⁻¹ K̃ [B·T, H, K] (the keys' dtype when they
@@ -1145,6 +1159,7 @@ class Intermediates:
     l: Optional[torch.Tensor] = None
     packed: Optional[torch.Tensor] = None
     writes: Optional[torch.Tensor] = None
+    p_final: Optional[torch.Tensor] = None
 
 
 def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size, factors=None,
@@ -1156,8 +1171,8 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     and, for bayes, as `writes` (the write directions Ũ [B·T, H, K]): it then skips reset's
     system inverse, and bayes replays its covariances from Ũ in parallel over P's tiles
     (_cov_replay_kernel) instead of sweeping the chunks' factorisations again.
-    Returns Intermediates; the final state of document n is s_final[n] (and slot
-    slot0[n] + NT_n of p_slots)."""
+    Returns Intermediates; the final state of document n is s_final[n] (and p_final[n], or
+    slot slot0[n] + NT_n of p_slots in the rerun)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
@@ -1170,13 +1185,11 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     linv = factors if reset_linv_given else torch.empty(n_tok, H, C, **f32)
     h_slots = torch.empty(plan.n_slots, H, K, V, dtype=slot_dtype(k), device=dev)
     s_final = torch.empty(plan.n_docs, H, K, V, **f32)
-    p_slots = None
+    p_slots = p_final = None
     vpri = None
     l_factor = None
     u = None
     if mode == "bayes":
-        p_slots = torch.empty(plan.n_slots, H, K, K, **f32)
-        p_slots[plan.slot0.long()] = P0.float()
         u_copy = key_dots(k) and k.dtype != torch.float32
         l_factor, w = torch.empty(n_tok, H, C, **f32), torch.empty(n_tok, H, **f32)
         groups = plan.n_docs * H
@@ -1187,17 +1200,25 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
             u_dots = torch.empty(n_tok, H, K, dtype=k.dtype if u_copy else torch.float32, device=dev)
             vpri = torch.empty(n_tok, H, **f32) if output_variance else None
             scratch = torch.empty(groups, C, K, **f32)
+            # P of the chunk being swept and of the next, by (document, head): the forward needs no
+            # other (the backward replays every chunk's from the write directions), where storing
+            # every chunk's took 1.6 GB at (8, 4096, 6, 256, 512).
+            p_buf = torch.empty(groups, 2, K, K, **f32)
+            p_buf[:, 0] = P0.float().reshape(groups, K, K)
+            p_final = P0.float().clone()                  # as is for a document without tokens
             NS, cov_warps = cov_launch(K, BP, groups, dev)
             sync = torch.zeros(1 + groups, dtype=torch.int32, device=dev)
             elim = torch.empty(groups * NS * 4 * C * C, **f32)     # _ldl_inverse's
             shares = torch.empty(groups * NS * (2 * C * C + 2 * C), **f32) if NS > 1 else w
             _bayes_cov_kernel[(groups * NS,)](
-                k, q, g, beta, noise, plan.cu, plan.slot0, p_slots, scratch, elim, writes, u_dots, linv, l_factor,
+                k, q, g, beta, noise, plan.cu, p_buf, p_final, scratch, elim, writes, u_dots, linv, l_factor,
                 w, packed, vpri if vpri is not None else w, shares, sync, H,
                 K=K, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, NS=NS,
                 num_warps=cov_warps, num_stages=COV_STAGES)
         else:
             packed = factors
+            p_slots = torch.empty(plan.n_slots, H, K, K, **f32)
+            p_slots[plan.slot0.long()] = P0.float()
             u = torch.empty(n_tok, H, K, **f32)
             u_dots = torch.empty(n_tok, H, K, dtype=k.dtype, device=dev) if u_copy else u
             _unpack_kernel[(plan.n_chunks, H)](packed, writes, plan.chunks, plan.cu, linv, l_factor, w, u, u_dots, H,
@@ -1228,14 +1249,14 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), UPDATE_16=update_16,
         num_warps=mean_warps, num_stages=MEAN_STAGES)
     return Intermediates(h_slots, s_final, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor,
-                         packed if mode == "bayes" else linv, writes)
+                         packed if mode == "bayes" else linv, writes, p_final)
 
 
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
     """The whole forward: chunk_states, then the outputs (pass 3).
 
-    Returns (o, variance or None, the final states [N, H, K, V] fp32, p_slots [n_slots, H, K, K]
-    or None, the factors [B·T, H, C] fp32 for the backward: bayes' packed LDLᵀ factors, reset's
+    Returns (o, variance or None, the final states [N, H, K, V] fp32, the final covariances
+    [N, H, K, K] fp32 or None, the factors [B·T, H, C] fp32 for the backward: bayes' packed LDLᵀ factors, reset's
     L⁻¹, and bayes' write directions Ũ [B·T, H, K] (write_dtype; None for reset), also for the
     backward).
     """
@@ -1258,5 +1279,5 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
         variance.zero_()
     if mode == "bayes":
         # reads back from the GPU: only after every forward launch
-        _check_pivots(mid.w, mid.p_slots[plan.final_slots()], mid.writes)
-    return o, variance, mid.s_final, mid.p_slots, mid.packed, mid.writes
+        _check_pivots(mid.w, mid.p_final, mid.writes)
+    return o, variance, mid.s_final, mid.p_final, mid.packed, mid.writes

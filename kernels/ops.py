@@ -36,13 +36,12 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     B, T = q.shape[:2]
     plan = plan_for(B, T, cu_seqlens, chunk_size, q.device)
     assert plan.n_slots == n_slots, "n_slots must match the chunk plan"
-    o, variance, S_final, p_slots, factors, writes = chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan,
+    o, variance, S_final, P_final, factors, writes = chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan,
                                                                    scale, output_variance, chunk_size)
     def empty():  # a fresh one each time: a custom op's outputs may not alias each other
         return q.new_empty(0, dtype=torch.float32)
 
-    P_final = p_slots[plan.final_slots()].contiguous() if p_slots is not None else empty()
-    return (o, variance if variance is not None else empty(), S_final, P_final, factors,
+    return (o, variance if variance is not None else empty(), S_final, P_final if P_final is not None else empty(), factors,
             writes if writes is not None else empty())
 
 
