@@ -290,7 +290,10 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, p_ptr, p
     idx = tl.arange(0, C)
     pp = tl.arange(0, BP)
     cc = idx[:, None] * C + idx[None, :]
-    p_buf = p_ptr + group.to(tl.int64) * 2 * K * K       # P of the chunk and of the next, alternating
+    # P of the chunk and of the next, alternating. Two suffice: a part writes chunk i + 1's P over
+    # chunk i − 1's only after chunk i's barriers, which every part reaches after its last read of
+    # chunk i − 1's P (in that chunk's update).
+    p_buf = p_ptr + group.to(tl.int64) * 2 * K * K
     x_base = x_ptr + group * C * K        # scratch for X = diag(Γ²) K P0 + diag(d) K
     count_ptr = sync_ptr + 1 + group
     part_base = part_ptr + group * NS * (2 * C * C + 2 * C)
@@ -1137,8 +1140,9 @@ class Intermediates:
     slot unused), the final states s_final [N, H, K, V]; bayes' covariances (else None): the
     forward's final ones p_final [N, H, K, K] (its sweep keeps no other) and, in the backward's
     rerun, every chunk's start covariance p_slots [n_slots, H, K, K]; the write directions u
-    (reset: the keys k themselves; bayes: only in the backward's rerun, else None) and u_dots, the copy that the value kernels' products
-    read (bayes with 16-bit keys: U in the keys' dtype, as reset reads its keys; else fp32 U);
+    (reset: the keys k themselves; bayes: only in the backward's rerun, else None) and u_dots,
+    the copy that the value kernels' products read (bayes with 16-bit keys: U in the keys'
+    dtype, as reset reads its keys; else fp32 U);
     gains w (reset: beta); L⁻¹ of every chunk's system [B·T, H, C]; innovations e [B·T, H, V]
     (innovation_dtype); the whitened keys wkeys = L⁻¹ K̃ [B·T, H, K] (the keys' dtype when they
     are dot operands); the prior part of the predictive variance vpri (bayes with
