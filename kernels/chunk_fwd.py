@@ -298,16 +298,17 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, p_ptr, p
     count_ptr = sync_ptr + 1 + group
     part_base = part_ptr + group * NS * (2 * C * C + 2 * C)
     arrivals = 0
+    n_chunks = tl.cdiv(eos - bos, C)
     S, KK, q_P_q, q_sq = _first_key_products(k_ptr, q_ptr, g_ptr, noise_ptr, p_buf,
                                              x_base, bos, eos, h, H, part, K, BP, C, NS, WITH_VARIANCE)
-    for i in range(tl.cdiv(eos - bos, C)):
+    for i in range(n_chunks):
         rows = bos + i * C + idx
         valid = rows < eos
         tok, lg, decay, gamma, d = _chunk_scalings(g_ptr, noise_ptr, rows, valid, h, H, C)
         beta = tl.load(beta_ptr + tok, mask=valid, other=0.5).to(tl.float32)
         r = tl.where(valid, tl.maximum((1.0 - beta) / beta, R_MIN), 1.0)
         p_old = p_buf + (i % 2) * K * K
-        if i == tl.cdiv(eos - bos, C) - 1:                     # the document's final P
+        if i == n_chunks - 1:                                  # the document's final P
             p_new = pfin_ptr + group.to(tl.int64) * K * K
         else:
             p_new = p_buf + ((i + 1) % 2) * K * K
@@ -405,7 +406,7 @@ def _chunk_scalings(g_ptr, noise_ptr, rows, valid, h, H, C: tl.constexpr):
 def _first_key_products(k_ptr, q_ptr, g_ptr, noise_ptr, p_base, x_base, bos, eos, h, H, part,
                         K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NS: tl.constexpr,
                         WITH_VARIANCE: tl.constexpr):
-    """The first chunk's products with the document's initial P0 (read from its slot), as
+    """The first chunk's products with the document's initial P0 (at p_base), as
     _update_covariance forms every later chunk's: this part's share of S and K Kᵀ, its columns
     of X (stored), its share of the variance's sums."""
     rows = bos + tl.arange(0, C)
@@ -1260,8 +1261,8 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
     """The whole forward: chunk_states, then the outputs (pass 3).
 
     Returns (o, variance or None, the final states [N, H, K, V] fp32, the final covariances
-    [N, H, K, K] fp32 or None, the factors [B·T, H, C] fp32 for the backward: bayes' packed LDLᵀ factors, reset's
-    L⁻¹, and bayes' write directions Ũ [B·T, H, K] (write_dtype; None for reset), also for the
+    [N, H, K, K] fp32 or None, the factors [B·T, H, C] fp32 for the backward: bayes' packed
+    LDLᵀ factors, reset's L⁻¹, and bayes' write directions Ũ [B·T, H, K] (write_dtype; None for reset), also for the
     backward).
     """
     B, T, H, K = q.shape

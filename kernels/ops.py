@@ -41,8 +41,8 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     def empty():  # a fresh one each time: a custom op's outputs may not alias each other
         return q.new_empty(0, dtype=torch.float32)
 
-    return (o, variance if variance is not None else empty(), S_final, P_final if P_final is not None else empty(), factors,
-            writes if writes is not None else empty())
+    return (o, variance if variance is not None else empty(), S_final,
+            P_final if P_final is not None else empty(), factors, writes if writes is not None else empty())
 
 
 @chunk_fwd.register_fake

@@ -223,7 +223,7 @@ def test_covariance_kernel_warps_do_not_change_results(monkeypatch):
 def covariances_from_writes(writes, g, noise, cu, P0, C):
     """Every chunk's start covariance, float64, from the saved write directions Ũ = diag(√w) U:
     P_{i+1} = Γ_C² P_i + d_C I − Ũ_iᵀ diag(Λ_C·²) Ũ_i per document (the oracle of the forward's
-    window sweep and of the backward's replay, which both take P from Ũ, differently grouped).
+    sweep and of the backward's replay, which both take P from Ũ in TF32 products).
     Returns [the start covariance of every chunk of every document, in plan order, then the
     final ones], each [H, K, K]."""
     H, K = writes.shape[1], writes.shape[2]
@@ -247,12 +247,12 @@ def covariances_from_writes(writes, g, noise, cu, P0, C):
 
 @pytest.mark.parametrize("K", [256, 128])
 def test_forward_and_replay_covariances_follow_the_writes(K):
-    """The forward's sweep forms P at window starts only (each chunk's products from the window's
-    start P and its writes since); the backward's rerun replays every chunk's P from the saved
-    write directions in parallel over P's tiles (chunk_fwd._cov_replay_kernel) and unpacks the
-    saved factors (_unpack_kernel). Both must follow the float64 recursion on those directions,
-    the forward's windows ending mid-document and at documents' ends (uneven lengths), and the
-    rerun must hand the backward kernels the forward's factors and write directions unchanged."""
+    """The forward's sweep keeps only its two current covariances and the final one; the
+    backward's rerun replays every chunk's P from the saved write directions in parallel over
+    P's tiles (chunk_fwd._cov_replay_kernel) and unpacks the saved factors (_unpack_kernel).
+    Both must follow the float64 recursion on those directions over documents of uneven
+    lengths (chunks that end early), and the rerun must hand the backward kernels the forward's
+    factors and write directions unchanged."""
     from titan_bayes.kernels import chunk_fwd
     from titan_bayes.ops import filter_math as fm
     T, H, V = 3000, 3, 64
@@ -270,12 +270,14 @@ def test_forward_and_replay_covariances_follow_the_writes(K):
     slots = torch.ones(plan.n_slots, dtype=torch.bool, device="cuda")
     slots[plan.final_slots()] = False
     replayed = rerun.p_slots[slots].double()
-    # TF32 products (operands rounded to 2^-11 relative) summed over a chunk's rows (replay) or a
-    # window's (forward), carried across chunks with decay: P is O(1), its errors O(1e-4).
+    # TF32 products (operands rounded to 2^-11 relative) summed over a chunk's rows, carried across
+    # chunks with decay: P is O(1), its errors O(1e-4).
     replay_error = (replayed - torch.stack(starts)).abs().max().item()
     final_error = (fwd.p_final.double() - torch.stack(finals)).abs().max().item()
-    replay_final_error = (rerun.p_slots[plan.final_slots()].double() - torch.stack(finals)).abs().max().item()
-    print(f"K={K}: replay {replay_error:.2e}, forward final {final_error:.2e}, replay final {replay_final_error:.2e}")
+    replay_final = rerun.p_slots[plan.final_slots()].double()
+    replay_final_error = (replay_final - torch.stack(finals)).abs().max().item()
+    print(f"K={K}: replay {replay_error:.2e}, forward final {final_error:.2e}, "
+          f"replay final {replay_final_error:.2e}")
     assert max(replay_error, final_error, replay_final_error) <= 2e-3
     assert torch.equal(rerun.p_slots, rerun.p_slots.transpose(-1, -2))
     assert torch.equal(fwd.p_final, fwd.p_final.transpose(-1, -2))
