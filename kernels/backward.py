@@ -21,7 +21,8 @@
    carries the mean: S_{i+1} = Φ_i S_i + terms free of S_i). Hence
        dP_i = Φ_iᵀ dP_{i+1} Φ_i + (the chunk's own terms in P_i),
    a sweep that needs each chunk's own terms first: one chunk-parallel kernel for them, the
-   sweep, then one for all input gradients given each chunk's end-covariance adjoint.
+   sweep (which also forms the products of each chunk's end-covariance adjoint that the
+   gradients use, so it keeps only the dP it carries), then the input gradients.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import triton
 
 from titan_bayes.ops import filter_math as fm
 
-from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel, _keys_dp_kernel, _keys_fp_kernel
+from .bayes_keys import _bayes_keys_kernel, _bayes_own_kernel, _cov_sweep_kernel, _keys_fp_kernel
 from .chunk_bwd import _dstate_kernel, _local_de_kernel, _local_kernel, _reset_local_keys_kernel, _square_kernel
 from .chunk_fwd import _v_block, bf16_dots, chunk_states, cov_split, key_dots, launch_staged
 
@@ -60,12 +61,19 @@ def _dstate_launch(K, V, u_dots, q, wkeys):
 # 2.75 against 11.49 and 3.29).
 OWN_WARPS = {16: 8, 32: 4, 64: 8}     # C = 16 untried with 4
 KEYS_WARPS = {16: 8, 32: 4, 64: 8}
-KEYS_TILE_WARPS = 4   # _keys_dp_kernel and _keys_fp_kernel, one K column block each
+KEYS_TILE_WARPS = 4   # _keys_fp_kernel, one K column block each
 COV_SWEEP_WARPS = 4
 # Programs of _cov_sweep_kernel resident on one SM (chunk_fwd.cov_split): 2 at 4 warps let
 # (8, 4096, 6, 256, 512) split 4 ways, 5.43 → 5.09 ms on an H100.
 COV_SWEEP_PER_SM = 2
 COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk_fwd.COV_STAGES)
+# The sweep also forms each chunk's products with its end-covariance adjoint (Z = U D̄, ⟨P, D̄⟩,
+# tr D̄), which a chunk-parallel kernel used to form from every chunk's stored dP: on an H100
+# fwd+bwd 22.21 → 21.18 ms at (8, 4096, 6, 256, 512) and 10.25 → 9.89 at (8, 4096, 8, 128, 128)
+# (sweep 3.80 → 4.21 and 1.60 → 1.77 ms, that kernel's 1.27 and 0.46 gone), and the backward's peak
+# 9193 → 7858 MiB and 3348 → 2966 MiB without every chunk's dP. ⟨P, D̄⟩ accumulates elementwise
+# over a column block's tiles and is summed once: summing each tile's rows (across warps) took the
+# sweep to 4.76 ms at K = 256, its columns to 4.49.
 # Forming chunk i − 1's Z = U dP_i from dP_i's tiles while the sweep writes them (as the forward
 # forms the next chunk's K̃ P), instead of a separate pass reading dP_i again, was slower on an
 # H100: sweep 3.80 → 3.98 ms at (8, 4096, 6, 256, 512), 1.58 → 1.63 at (8, 4096, 8, 128, 128).
@@ -201,8 +209,9 @@ def _reset_keys(q, k, g, beta, d_out, mid, sums, plan, scale, C):
 def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     """dq, dk, dg, dbeta, dnoise and dP0 of bayes (bayes_keys.py): each chunk's own terms in its
     start covariance P_i (as rank-2C factors), the covariance sweep dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i
-    over the chunks of every document, and every chunk's input gradients given the adjoint of its
-    end covariance (three launches: the products with D̄, the C × C algebra, the products with P)."""
+    over the chunks of every document, which also forms the products of each chunk's end
+    covariance adjoint D̄ that the gradients need, then every chunk's input gradients (two
+    launches: the C × C algebra, the products with P)."""
     q, k, v, g, beta, noise = inputs
     B, T, H, K = q.shape
     n_tok, N = B * T, plan.n_docs
@@ -215,33 +224,31 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     launch_staged(_bayes_own_kernel, grid_cc, q, k, g, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"],
                   sums["EdS"], dvar, plan.chunks, plan.cu, G, Bf, scale, H, K=K, BKB=BKB, C=C, VAR=VAR,
                   num_warps=OWN_WARPS[C], num_stages=KEYS_STAGES)
-    # dP in state slots like P: slot slot0 + i + 1 ends as the adjoint of chunk i's end covariance.
-    dp_slots = torch.empty_like(mid.p_slots)
-    final = plan.final_slots()
+    # dP carried in three buffers per (document, head): the sweep alternates between the first
+    # two and writes dP_0 to the third (both start as sym(dP_final): a document may be empty).
+    dp_bufs = torch.empty(N, H, 3, K, K, **f32)
     if dP_final is None:
-        dp_slots[final] = 0.0
+        dp_bufs[:, :, 0] = 0.0
     else:
         dP_final = dP_final.float()
-        dp_slots[final] = 0.5 * (dP_final + dP_final.transpose(-1, -2))
+        dp_bufs[:, :, 0] = 0.5 * (dP_final + dP_final.transpose(-1, -2))
+    dp_bufs[:, :, 2] = dp_bufs[:, :, 0]
+    n_kb = triton.cdiv(K, BKB)
+    Zs = torch.empty(n_tok, H, K, **f32)
+    pd, tr = torch.empty(2, n_kb, plan.n_chunks, H, **f32)
     NS = cov_split(K, BKB, N * H, q.device, COV_SWEEP_PER_SM)
-    z = torch.empty(N * H * 2, C, K, **f32)
     sync = torch.zeros(1 + N * H, dtype=torch.int32, device=q.device)
-    shares = torch.empty(N * H * 2 * NS, C, C, **f32) if NS > 1 else z
-    _cov_sweep_kernel[(N * H * NS,)](mid.u, Bf, k, q, g, G, dvar, plan.cu, plan.slot0, dp_slots, z, shares, sync,
-                                     scale, H, K=K, BP=BKB, C=C, VAR=VAR, NS=NS, num_warps=COV_SWEEP_WARPS,
-                                     num_stages=COV_SWEEP_STAGES)
-    dP0 = dp_slots[plan.slot0.long()]
+    shares = torch.empty(N * H * 2 * NS, C, C, **f32) if NS > 1 else pd
+    _cov_sweep_kernel[(N * H * NS,)](mid.u, Bf, k, q, g, G, dvar, plan.cu, plan.slot0, mid.p_slots, dp_bufs, Zs,
+                                     pd, tr, shares, sync, scale, H, plan.n_chunks * H, K=K, BP=BKB, C=C, VAR=VAR,
+                                     NS=NS, num_warps=COV_SWEEP_WARPS, num_stages=COV_SWEEP_STAGES)
+    dP0 = dp_bufs[:, :, 2]
     dq, dk, dbeta, dnoise = torch.empty_like(q), torch.empty_like(k), torch.empty_like(beta), torch.empty_like(noise)
-    Zs, F = G, Bf                                             # scratch, free again after the sweep
+    F = Bf                                                    # scratch, free again after the sweep
     kpart = torch.empty(n_tok, H, K, **f32)
     Y = torch.empty(n_tok, H, C, **f32)
-    n_kb = triton.cdiv(K, BKB)
-    pd, tr = torch.empty(2, n_kb, plan.n_chunks, H, **f32)
     dg_parts = torch.empty(n_kb + 1, B, T, H, **f32)          # K blocks' shares, then the chunk's own
     grid_kb = (n_kb, plan.n_chunks, H)
-    launch_staged(_keys_dp_kernel, grid_kb, mid.u, mid.p_slots, dp_slots, plan.chunks, plan.cu, plan.slot0,
-                  Zs, pd, tr, H, plan.n_chunks * H, K=K, BKB=BKB, C=C,
-                  num_warps=KEYS_TILE_WARPS, num_stages=KEYS_STAGES)
     launch_staged(
         _bayes_keys_kernel, grid_cc,
         q, k, g, beta, noise, mid.u, mid.w, mid.linv, mid.l, sums["Gs"], sums["dL"], sums["dQS"], sums["EdS"],

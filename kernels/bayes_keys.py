@@ -32,11 +32,11 @@ the kernels run it (a bar is an adjoint; Λ̄ and the log-decay adjoint lḡ col
   7. d_t = Σ_j Λ_tj² q_j: q̄_j = Σ_t d̄_t Λ_tj², Λ̄_tj += 2 d̄_t Λ_tj q_j. Λ_ts = exp(lgΓ_t − lgΓ_s):
      lḡ += rowsum(Λ̄ ∘ Λ) − colsum(Λ̄ ∘ Λ); Γ_t: lḡ_t += Γ_t Γ̄_t (q·dQS, K̃·K̃̄, Γ_C); g → reverse cumsum.
 The two passes: `_bayes_own_kernel` runs 1–4 without P_C's terms and stores G and the sweep's
-B (below); `_cov_sweep_kernel` carries dP backwards over the chunks; then three kernels run
-everything with D̄ = the adjoint of each chunk's end covariance. The products with the K × K
-matrices D̄ and P are parallel over K column blocks, and the C × C algebra between them is
-per chunk: `_keys_dp_kernel` (Z = U D̄, ⟨P, D̄⟩, tr D̄), `_bayes_keys_kernel` (the algebra,
-F = 2 S̄ K̃ + diag(Γ) X̄ and everything free of P), `_keys_fp_kernel` (F P → dk, dq). One
+B (below); `_cov_sweep_kernel` carries dP backwards over the chunks and, as it reads each
+chunk's D̄ = the adjoint of its end covariance, forms the only products with D̄ the gradients
+need (Z = U D̄, ⟨P, D̄⟩, tr D̄), so no chunk's D̄ is stored; then two kernels run everything
+else: `_bayes_keys_kernel` per chunk (the C × C algebra, F = 2 S̄ K̃ + diag(Γ) X̄ and
+everything free of P), `_keys_fp_kernel` parallel over K column blocks (F P → dk, dq). One
 kernel per chunk doing all of it held the C × C accumulators and the K × K tiles at once and
 spilled registers (7.3 ms at (8, 4096, 6, 256, 512) on an H100).
 
@@ -158,13 +158,17 @@ def _bayes_own_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, l_ptr, gs_ptr
 
 
 @triton.jit
-def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_ptr, slot_ptr, dp_ptr, z_ptr,
-                      part_ptr, sync_ptr, scale, H, K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
-                      VAR: tl.constexpr, NS: tl.constexpr):
-    """The covariance adjoint sweep for one (document, head): dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i.
-
-    dp_ptr holds dP in state slots [n_slots, H, K, K]: the document's last slot holds sym(dP_final)
-    on entry; slot slot0 + i + 1 ends as the adjoint of chunk i's end covariance and slot0 as dP_0.
+def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_ptr, slot_ptr, p_ptr, dp_ptr,
+                      z_ptr, pd_ptr, tr_ptr, part_ptr, sync_ptr, scale, H, n_cc, K: tl.constexpr,
+                      BP: tl.constexpr, C: tl.constexpr, VAR: tl.constexpr, NS: tl.constexpr):
+    """The covariance adjoint sweep for one (document, head): dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i,
+    which also hands every chunk i the products of its end-covariance adjoint D̄ = dP_{i+1} that
+    its input gradients need: Z = U D̄ (token-major scratch z, [B·T, H, K]), and each K column
+    block's shares of ⟨P_i, D̄⟩ and tr D̄ (pd, tr: [n_kb, n_chunks, H]; P_i from the replay's slots
+    in p_ptr). So no chunk's dP is kept: dp_ptr holds three K × K buffers per (document, head),
+    [N·H, 3, K, K]: dP_{i+1} and dP_i alternate between the first two (the first holds
+    sym(dP_final) on entry), and the third receives dP_0 (it holds sym(dP_final) on entry too,
+    for a document without tokens).
     Φ = Γ_C I − Uᵀ B (B = diag(Λ_C· w) L⁻¹ K̃): with Z = U dP [C, K] and W = Z Uᵀ [C, C],
         Φᵀ dP Φ = Γ_C² dP − Γ_C (Bᵀ Z + Zᵀ B) + Bᵀ W B,
     one pass over dP's tiles for Z and W, then one writing every tile of dP_i. The own terms
@@ -172,25 +176,30 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
         sym(K̃ᵀ G) + scale² Q̃ᵀ diag(dvar) Q̃.
     Split as the forward's sweep (chunk_fwd.cov_split): part p forms dP's column tiles p, p + NS,
     ... of Z and of dP_i, and its share of W; one group barrier per chunk sums W and completes Z.
-    Z and the shares alternate between two buffers by chunk, so a part that runs ahead into the
-    next chunk does not overwrite what a slower part still reads."""
+    A part reads and writes only its own columns of dP, so the two buffers need no barrier
+    between parts; Z has rows per chunk, and the shares of W alternate between two buffers by
+    chunk, so a part that runs ahead into the next chunk does not overwrite what a slower part
+    still reads."""
     group, part = _split_program(sync_ptr, NS)
     n, h = group // H, group % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
     slot0 = tl.load(slot_ptr + n)
+    first_chunk = slot0 - n                                    # the plan's chunks: documents in order
     idx = tl.arange(0, C)
     pp = tl.arange(0, BP)
     cc = idx[:, None] * C + idx[None, :]
     count_ptr = sync_ptr + 1 + group
+    dp_base = dp_ptr + (group * 3).to(tl.int64) * K * K
     n_chunks = tl.cdiv(eos - bos, C)
     for j in range(n_chunks):
         i = n_chunks - 1 - j
-        z_base = z_ptr + ((group * 2 + j % 2) * C).to(tl.int64) * K
         rows = bos + i * C + idx
         valid = rows < eos
         tok = rows * H + h
-        src = dp_ptr + ((slot0 + i + 1) * H + h).to(tl.int64) * K * K
-        dst = dp_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * K
+        src = dp_base + (j % 2) * K * K
+        dst = dp_base + tl.where(i == 0, 2, (j + 1) % 2) * K * K
+        p_base = p_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * K
+        dot_base = (first_chunk + i) * H + h
         lg = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
         gamma = tl.exp(lg)
         gamma_C = tl.exp(tl.sum(tl.where(idx == C - 1, lg, 0.0), 0))
@@ -201,13 +210,20 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
             cols = jb + pp
             cmask = cols < K
             Z = tl.zeros([C, BP], dtype=tl.float32)
+            PD = tl.zeros([BP, BP], dtype=tl.float32)                 # ⟨P_i, D̄⟩, summed once
             for ib in range(0, K, BP):
                 r_idx = ib + pp
                 rmask = r_idx < K
-                tile = tl.load(src + r_idx[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+                tile_off = r_idx[:, None] * K + cols[None, :]
+                tile_mask = rmask[:, None] & cmask[None, :]
+                tile = tl.load(src + tile_off, mask=tile_mask, other=0.0)
+                PD += tl.load(p_base + tile_off, mask=tile_mask, other=0.0) * tile
                 U_i = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
                 Z += tl.dot(U_i, tile)
-            tl.store(z_base + idx[:, None] * K + cols[None, :], Z, mask=cmask[None, :])
+            tl.store(z_ptr + tok[:, None] * K + cols[None, :], Z, mask=valid[:, None] & cmask[None, :])
+            diag = tl.load(src + cols * K + cols, mask=cmask, other=0.0)
+            tl.store(pd_ptr + (jb // BP) * n_cc + dot_base, tl.sum(tl.sum(PD, 1), 0))
+            tl.store(tr_ptr + (jb // BP) * n_cc + dot_base, tl.sum(diag, 0))
             U_j = tl.load(u_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
             W += tl.dot(Z, tl.trans(U_j))
         if NS > 1:
@@ -227,7 +243,7 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
             jmask = valid[:, None] & cmask[None, :]
             j_off = tok[:, None] * K + cols[None, :]
             B_j = tl.load(b_ptr + j_off, mask=jmask, other=0.0)
-            Z_j = tl.load(z_base + idx[:, None] * K + cols[None, :], mask=cmask[None, :], other=0.0)
+            Z_j = tl.load(z_ptr + j_off, mask=jmask, other=0.0, cache_modifier=".cg")
             kt_j = tl.load(k_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * gamma[:, None]
             G_j = tl.load(gfac_ptr + j_off, mask=jmask, other=0.0)
             if VAR:
@@ -240,8 +256,7 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
                 tile_off = r_idx[:, None] * K + cols[None, :]
                 tile_mask = rmask[:, None] & cmask[None, :]
                 B_i = tl.load(b_ptr + i_off, mask=imask, other=0.0)
-                Z_i = tl.load(z_base + idx[:, None] * K + r_idx[None, :], mask=rmask[None, :], other=0.0,
-                              cache_modifier=".cg")
+                Z_i = tl.load(z_ptr + i_off, mask=imask, other=0.0, cache_modifier=".cg")
                 kt_i = tl.load(k_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
                 G_i = tl.load(gfac_ptr + i_off, mask=imask, other=0.0)
                 tile = tl.load(src + tile_off, mask=tile_mask, other=0.0)
@@ -257,45 +272,13 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
 
 
 @triton.jit
-def _keys_dp_kernel(u_ptr, p_ptr, dp_ptr, chunk_ptr, cu_ptr, slot_ptr, z_ptr, pd_ptr, tr_ptr, H, n_cc,
-                    K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr):
-    """Input gradients, first kernel, per (K block jb, chunk, head), with D̄ = dP of the chunk's end
-    slot: column block jb of Z = U D̄ (scratch z, token-major [B·T, H, K]) and the block's shares
-    of ⟨P, D̄⟩ and tr D̄ (pd, tr: [n_kb, n_chunks, H]). These are the kernels' only reads of D̄."""
-    jb, c, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, i, rows, valid, tok = _chunk_tokens(chunk_ptr, cu_ptr, c, h, H, C)
-    slot = tl.load(slot_ptr + n) + i
-    p_base = p_ptr + (slot * H + h).to(tl.int64) * K * K
-    dp_base = dp_ptr + ((slot + 1) * H + h).to(tl.int64) * K * K
-    bb = tl.arange(0, BKB)
-    cols = jb * BKB + bb
-    cmask = cols < K
-    Z = tl.zeros([C, BKB], dtype=tl.float32)
-    PD = tl.zeros([BKB], dtype=tl.float32)
-    for ib in range(0, K, BKB):
-        r_idx = ib + bb
-        rmask = r_idx < K
-        tile_off = r_idx[:, None] * K + cols[None, :]
-        tile_mask = rmask[:, None] & cmask[None, :]
-        Dt = tl.load(dp_base + tile_off, mask=tile_mask, other=0.0)
-        Pt = tl.load(p_base + tile_off, mask=tile_mask, other=0.0)
-        PD += tl.sum(Pt * Dt, 0)
-        U_i = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
-        Z += tl.dot(U_i, Dt)
-    tl.store(z_ptr + tok[:, None] * K + cols[None, :], Z, mask=valid[:, None] & cmask[None, :])
-    trD = tl.load(dp_base + cols * K + cols, mask=cmask, other=0.0)
-    tl.store(pd_ptr + jb * n_cc + c * H + h, tl.sum(PD, 0))
-    tl.store(tr_ptr + jb * n_cc + c * H + h, tl.sum(trD, 0))
-
-
-@triton.jit
 def _bayes_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, noise_ptr, u_ptr, w_ptr, linv_ptr, l_ptr, gs_ptr, dl_ptr,
                        dqs_ptr, eds_ptr, dkt_ptr, dgc_ptr, dvar_ptr, z_ptr, pd_ptr, tr_ptr, chunk_ptr, cu_ptr,
                        f_ptr, kpart_ptr, y_ptr, dbeta_ptr, dnoise_ptr, dg_ptr, scale, H, n_cc,
                        K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr, R_MIN: tl.constexpr,
                        VAR: tl.constexpr):
     """Input gradients, second kernel, per (chunk, head): steps 1–7 except the products with P.
-    (A) the C × C products of the chunk (Z from `_keys_dp_kernel`); the C × C algebra; (B) X̄ per
+    (A) the C × C products of the chunk (Z from `_cov_sweep_kernel`); the C × C algebra; (B) X̄ per
     K block, F = 2 S̄ K̃ + diag(Γ) X̄ (scratch f) and the parts of k̄ free of P (scratch kpart);
     dbeta, dnoise, Y = dÂ ∘ Λ (scratch y, [B·T, H, C]) and the chunk's share of dg (dg_ptr, fp32)."""
     c, h = tl.program_id(0), tl.program_id(1)
