@@ -976,6 +976,11 @@ OUT_BKB, OUT_BV_CAP, OUT_STAGES = 64, 64, 3
 # at (8, 4096, 6, 256, 512) and 0.86 → 0.62 at (8, 4096, 8, 128, 128); reset 2.77 → 2.44 and
 # 0.60 → 0.46. Where the stages do not fit in shared memory, launch_staged takes 1.
 MEAN_STAGES = 2
+# Two chunks per step of the h-loop (chunk b's prediction from the step's start state,
+# W_b S_a = Γ_a W_b S + (W_b U_aᵀ) diag(Λ_C· w) E_a, so a step waits on three products instead of
+# four) was tried and was slower on an H100: bayes' h-loop 2.19 → 3.73 ms at (8, 4096, 6, 256, 512)
+# (255 registers, 62 spilled, at 8 warps) and 0.55 → 0.59 at (8, 4096, 8, 128, 128); reset's,
+# pairing its chunks of 64, 1.72 → 9.94 and 0.39 → 0.86.
 # The h-loop's state update Uᵀ(…)E on bf16 tensor cores (bf16_dots; 0 = fp32 products). On an
 # H100 (Triton 3.6) with V blocks of 32 and 4 warps: 2.96 → 2.78 ms at (8, 4096, 6, 256, 512),
 # 0.68 → 0.60 ms at (8, 4096, 8, 128, 128) (V blocks of 64 there before); outputs moved 6e-4.
