@@ -73,7 +73,8 @@ COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk
 # (sweep 3.80 → 4.21 and 1.60 → 1.77 ms, that kernel's 1.27 and 0.46 gone), and the backward's peak
 # 9193 → 7858 MiB and 3348 → 2966 MiB without every chunk's dP. ⟨P, D̄⟩ accumulates elementwise
 # over a column block's tiles and is summed once: summing each tile's rows (across warps) took the
-# sweep to 4.76 ms at K = 256, its columns to 4.49.
+# sweep to 4.76 ms at K = 256, its columns to 4.49. The launch rechecked after: 8 warps 4.21 → 6.30
+# and 1.77 → 1.92 ms, 2 stages 5.77 and 2.16, one program per SM 5.87 and 1.75.
 # Forming chunk i − 1's Z = U dP_i from dP_i's tiles while the sweep writes them (as the forward
 # forms the next chunk's K̃ P), instead of a separate pass reading dP_i again, was slower on an
 # H100: sweep 3.80 → 3.98 ms at (8, 4096, 6, 256, 512), 1.58 → 1.63 at (8, 4096, 8, 128, 128).
