@@ -245,8 +245,7 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
                                      NS=NS, num_warps=COV_SWEEP_WARPS, num_stages=COV_SWEEP_STAGES)
     dP0 = dp_bufs[:, :, 2]
     dq, dk, dbeta, dnoise = torch.empty_like(q), torch.empty_like(k), torch.empty_like(beta), torch.empty_like(noise)
-    F = Bf                                                    # scratch, free again after the sweep
-    kpart = torch.empty(n_tok, H, K, **f32)
+    F, kpart = Bf, G                                          # scratch, free again after the sweep
     Y = torch.empty(n_tok, H, C, **f32)
     dg_parts = torch.empty(n_kb + 1, B, T, H, **f32)          # K blocks' shares, then the chunk's own
     grid_kb = (n_kb, plan.n_chunks, H)
