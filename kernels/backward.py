@@ -78,6 +78,13 @@ COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk
 # Forming chunk i − 1's Z = U dP_i from dP_i's tiles while the sweep writes them (as the forward
 # forms the next chunk's K̃ P), instead of a separate pass reading dP_i again, was slower on an
 # H100: sweep 3.80 → 3.98 ms at (8, 4096, 6, 256, 512), 1.58 → 1.63 at (8, 4096, 8, 128, 128).
+# Nsight Compute (ncu's WarpStateStats and SourceCounters, H100, (8, 4096, 6, 256, 512)) puts the
+# sweep's stalls on global loads (long scoreboard, 38% of samples) and on the barriers of
+# register-to-shared conversions (21%). Neither fix tried for them moved it: the update pass with
+# its row-side operands read transposed from memory (five accumulating products, no register
+# transposes) took 4.20 → 4.20 ms at (8, 4096, 6, 256, 512) and 1.76 → 1.74 at (8, 4096, 8, 128,
+# 128); with the next row tile's loads issued before the current tile's products as well, 4.26
+# and 1.70 (255 registers, 2–4 spilled); either at 8 warps, 6.2–6.4 and 1.9–2.0.
 # The chunk-parallel value and reset kernels (chunk_bwd.py). Reset's square and key kernels: on
 # an H100 4 warps took them from 1.11 + 1.84 to 1.03 + 1.29 ms at (8, 4096, 6, 256, 512) and from
 # 0.62 + 0.81 to 0.60 + 0.55 at (8, 4096, 8, 128, 128) against 8.
