@@ -970,6 +970,11 @@ COV_WARPS_ALONE = 8
 # 18% on fixed-latency waits, 14% on shared memory; 0.21 instructions issued per cycle and
 # scheduler. So it waits on latency, not on throughput, as the backward's sweep does.
 COV_STAGES = 1
+# bayes' forward reads its pivot check back (_check_pivots), which makes the host wait for the
+# whole forward before it launches anything else. 0 skips it, only to time what that wait costs
+# (tools/profile_kernels.py --set PIVOT_CHECK=0 prints the GPU's idle time per step); a forward
+# whose S lost positive definiteness then returns NaNs without an error.
+PIVOT_CHECK = 1
 # The output kernel's key block, widest V block and software-pipelining stages of its key loop.
 # On an H100 (Triton 3.6), reset forward at (8, 4096, 6, 256, 512): 0.87 ms before the key loop
 # (all K columns at once, V blocks of 64), 0.73 with it, 0.62 with 3 stages; of the 36 settings
@@ -1292,7 +1297,7 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
         num_stages=OUT_STAGES)
     if output_variance and mode != "bayes":
         variance.zero_()
-    if mode == "bayes":
+    if mode == "bayes" and PIVOT_CHECK:
         # reads back from the GPU: only after every forward launch
         _check_pivots(mid.w, mid.p_final, mid.writes)
     return o, variance, mid.s_final, mid.p_final, mid.packed, mid.writes

@@ -4,7 +4,9 @@
                                     [--set NAME=VALUE ...] [--chunk-size C] [--forward] [--resources]
 
 For each shape and mode it runs forward+backward under torch.profiler and prints the CUDA time
-per Triton kernel (ms per step, summed over launches). `--set` overrides the kernels' launch
+per Triton kernel (ms per step, summed over launches), their sum, and the step's wall time timed
+as bench_kernels times it (without the profiler): the difference is time the GPU sat idle, waiting
+for the host (launches, the forward's read-back of bayes' pivot check: `--set PIVOT_CHECK=0`). `--set` overrides the kernels' launch
 constants (module constants of kernels/chunk_fwd.py and kernels/backward.py, e.g.
 `--set COV_WARPS=4 OWN_WARPS=8`); every output and gradient is then compared with a run at the
 defaults in the same process, so a setting that miscompiles (Triton 3.6 on Hopper returns NaNs
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import SHAPES, fla_gdn, inputs, ours  # noqa: E402
+from bench_kernels import SHAPES, fla_gdn, inputs, ours, timed  # noqa: E402
 
 
 def launch_modules():
@@ -139,6 +141,7 @@ def main():
                     previous = apply_settings(settings)
                     errors = " ".join(f"{rel(a, b):.1e}" for a, b in zip(step(), reference))
                 times = kernel_times(step)
+                wall = timed(step)
             except Exception as err:  # e.g. a setting that needs more shared memory than the GPU has
                 print(f"({B},{T},{H},{K},{V}{f', {docs} docs' if docs else ''}) {mode}: FAILED "
                       f"{type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
@@ -147,8 +150,9 @@ def main():
                 if previous is not None:
                     apply_settings(previous)
             parts = " ".join(f"{name}={ms:.2f}" for name, ms in times.items() if ms >= 0.01)
+            busy = sum(times.values())
             print(f"({B},{T},{H},{K},{V}{f', {docs} docs' if docs else ''}) {mode}: "
-                  f"{sum(times.values()):.2f} ms | {parts}", flush=True)
+                  f"{busy:.2f} ms of kernels, {wall:.2f} ms wall ({wall - busy:.2f} idle) | {parts}", flush=True)
             if errors:
                 print(f"    against the defaults [o dq dk dv dg dbeta]: {errors}", flush=True)
         del xs
