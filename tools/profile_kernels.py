@@ -6,9 +6,9 @@
 For each shape and mode it runs forward+backward under torch.profiler and prints the CUDA time
 per Triton kernel (ms per step, summed over launches), their sum, and the step's wall time timed
 as bench_kernels times it (without the profiler): the difference is time the GPU sat idle, waiting
-for the host (launches, the forward's read-back of bayes' pivot check: `--set PIVOT_CHECK=0`). `--set` overrides the kernels' launch
-constants (module constants of kernels/chunk_fwd.py and kernels/backward.py, e.g.
-`--set COV_WARPS=4 OWN_WARPS=8`); every output and gradient is then compared with a run at the
+for the host (launches, the forward's read-back of bayes' pivot check: `--set PIVOT_CHECK=0`).
+`--set` overrides the kernels' launch constants (module constants of kernels/chunk_fwd.py and
+kernels/backward.py, e.g. `--set COV_WARPS=4 OWN_WARPS=8`); every output and gradient is then compared with a run at the
 defaults in the same process, so a setting that miscompiles (Triton 3.6 on Hopper returns NaNs
 for some) shows up as an error instead of a speed-up. Only the two target shapes by default.
 `--resources` prints, per compiled kernel, its registers per thread, spilled registers, shared
