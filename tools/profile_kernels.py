@@ -8,9 +8,10 @@ per Triton kernel (ms per step, summed over launches), their sum, and the step's
 as bench_kernels times it (without the profiler): the difference is time the GPU sat idle, waiting
 for the host (launches, the forward's read-back of bayes' pivot check: `--set PIVOT_CHECK=0`).
 `--set` overrides the kernels' launch constants (module constants of kernels/chunk_fwd.py and
-kernels/backward.py, e.g. `--set COV_WARPS=4 OWN_WARPS=8`); every output and gradient is then compared with a run at the
-defaults in the same process, so a setting that miscompiles (Triton 3.6 on Hopper returns NaNs
-for some) shows up as an error instead of a speed-up. Only the two target shapes by default.
+kernels/backward.py, e.g. `--set COV_WARPS=4 OWN_WARPS=8`); every output and gradient is then
+compared with a run at the defaults in the same process, so a setting that miscompiles (Triton
+3.6 on Hopper returns NaNs for some) shows up as an error instead of a speed-up. Only the two
+target shapes by default.
 `--resources` prints, per compiled kernel, its registers per thread, spilled registers, shared
 memory and warps (spills and one program per SM are what make a kernel slow here).
 """
@@ -152,7 +153,8 @@ def main():
             parts = " ".join(f"{name}={ms:.2f}" for name, ms in times.items() if ms >= 0.01)
             busy = sum(times.values())
             print(f"({B},{T},{H},{K},{V}{f', {docs} docs' if docs else ''}) {mode}: "
-                  f"{busy:.2f} ms of kernels, {wall:.2f} ms wall ({wall - busy:.2f} idle) | {parts}", flush=True)
+                  f"{busy:.2f} ms of kernels, {wall:.2f} ms wall ({wall - busy:.2f} idle) | {parts}",
+                  flush=True)
             if errors:
                 print(f"    against the defaults [o dq dk dv dg dbeta]: {errors}", flush=True)
         del xs
