@@ -76,10 +76,13 @@ def triton_bayes_filter(q, k, v, g, beta, *, mode, process_noise, prior_scale, s
     else:
         noise = torch.zeros(B, T, H, dtype=torch.float32, device=q.device)
     S0, P0 = _initial_belief(initial_state, mode, cu_seqlens, B, H, K, V, prior_scale, torch.float32, q.device)
+    # With a backward to come, bayes' pivot check is read there, not here (pivot_check.py)
+    differentiable = (q, k, v, g, beta, noise, S0) + ((P0,) if P0 is not None else ())
+    defer_check = torch.is_grad_enabled() and any(x.requires_grad for x in differentiable)
     o, variance, S, P, *_factors = torch.ops.titan_bayes.chunk_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
         noise.contiguous(), S0.contiguous(), P0.contiguous() if P0 is not None else None, cu_seqlens,
-        mode, scale, output_variance, chunk_size, _n_slots(B, T, cu_seqlens, chunk_size))
+        mode, scale, output_variance, chunk_size, _n_slots(B, T, cu_seqlens, chunk_size), defer_check)
     state = (S, P if mode == "bayes" else None) if output_final_state else None
     if output_variance:
         if mode != "bayes":

@@ -37,6 +37,7 @@ import triton.language as tl
 from titan_bayes.ops import filter_math as fm
 
 from . import _interpreting
+from .pivot_check import check_later, check_now, pivot_status
 
 
 @triton.jit
@@ -970,11 +971,6 @@ COV_WARPS_ALONE = 8
 # 18% on fixed-latency waits, 14% on shared memory; 0.21 instructions issued per cycle and
 # scheduler. So it waits on latency, not on throughput, as the backward's sweep does.
 COV_STAGES = 1
-# bayes' forward reads its pivot check back (_check_pivots), which makes the host wait for the
-# whole forward before it launches anything else. 0 skips it, only to time what that wait costs
-# (tools/profile_kernels.py --set PIVOT_CHECK=0 prints the GPU's idle time per step); a forward
-# whose S lost positive definiteness then returns NaNs without an error.
-PIVOT_CHECK = 1
 # The output kernel's key block, widest V block and software-pipelining stages of its key loop.
 # On an H100 (Triton 3.6), reset forward at (8, 4096, 6, 256, 512): 0.87 ms before the key loop
 # (all K columns at once, V blocks of 64), 0.73 with it, 0.62 with 3 stages; of the 36 settings
@@ -1129,26 +1125,6 @@ def launch_staged(kernel, grid, *args, num_stages, **kwargs):
     return kernel[grid](*args, num_stages=1, **kwargs)
 
 
-def _check_pivots(w, p_final, writes):
-    """The pivots s_t = 1 / w_t of every chunk's LDLᵀ must be positive and finite; else S lost
-    positive definiteness (as the chunked path reports when its Cholesky fails). The final
-    covariances must be finite too: a write direction that overflowed fp16 (write_dtype) makes
-    every later P, so the final one, infinite or NaN. One read-back."""
-    if bool(((torch.isfinite(w) & (w > 0)).all() & torch.isfinite(p_final).all())):
-        return
-    # An overflow leaves inf in the saved directions; an indefinite S leaves NaN (√w of w < 0).
-    if writes.dtype == torch.float16 and bool(torch.isinf(writes).any()):
-        raise ValueError(
-            "bayes_filter: the covariance became infinite: the write directions P̄k/√s overflowed "
-            "float16, in which the Triton backend keeps them for 16-bit keys. Their size is about "
-            "√(largest variance of P) times |k|: use unit-norm keys and a prior_scale or initial "
-            "covariance of moderate size, or pass fp32 inputs.")
-    raise ValueError(
-        "bayes_filter: the innovation covariance of a chunk is not positive definite. "
-        "This happens when beta is too close to 1 for repeated keys, or when the prior or "
-        "initial P is not positive definite; keep beta <= 0.999 or raise prior_scale.")
-
-
 @dataclass
 class Intermediates:
     """What the first two forward passes leave behind, token-major [B·T, H, ...] fp32 unless
@@ -1272,13 +1248,15 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
                          packed if mode == "bayes" else linv, writes, p_final)
 
 
-def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size):
+def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size,
+                  defer_check=False):
     """The whole forward: chunk_states, then the outputs (pass 3).
 
     Returns (o, variance or None, the final states [N, H, K, V] fp32, the final covariances
     [N, H, K, K] fp32 or None, the factors [B·T, H, C] fp32 for the backward: bayes' packed
-    LDLᵀ factors, reset's L⁻¹, and bayes' write directions Ũ [B·T, H, K] (write_dtype; None for reset), also for the
-    backward).
+    LDLᵀ factors, reset's L⁻¹, and bayes' write directions Ũ [B·T, H, K] (write_dtype; None for
+    reset), also for the backward, and bayes' pivot check (pivot_check.pivot_status; None for
+    reset)). bayes checks it here, or with defer_check leaves it for the backward to read.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -1297,7 +1275,11 @@ def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_var
         num_stages=OUT_STAGES)
     if output_variance and mode != "bayes":
         variance.zero_()
-    if mode == "bayes" and PIVOT_CHECK:
-        # reads back from the GPU: only after every forward launch
-        _check_pivots(mid.w, mid.p_final, mid.writes)
-    return o, variance, mid.s_final, mid.p_final, mid.packed, mid.writes
+    status = None
+    if mode == "bayes":
+        status = pivot_status(mid.w, mid.p_final)
+        if defer_check:
+            check_later(status)             # the backward reads it (pivot_check.py)
+        else:
+            check_now(status, mid.writes)   # waits for the GPU: only after every forward launch
+    return o, variance, mid.s_final, mid.p_final, mid.packed, mid.writes, status

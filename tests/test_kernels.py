@@ -207,7 +207,7 @@ def case_custom_ops_pass_opcheck():
     P0 = random_covariance(2, 2, 16, dtype=torch.float32).requires_grad_()
     failures = {}
     for mode, P in (("bayes", P0), ("reset", None)):
-        args = (q, k, v, g, beta, noise, S0, P, None, mode, 0.25, mode == "bayes", 16, 2 * 3)
+        args = (q, k, v, g, beta, noise, S0, P, None, mode, 0.25, mode == "bayes", 16, 2 * 3, True)
         report = torch.library.opcheck(torch.ops.titan_bayes.chunk_fwd.default, args)
         failures.update({f"{mode}:{name}": float(r != "SUCCESS") for name, r in report.items()})
     M = torch.zeros(2, 2, 16, 16)
@@ -231,6 +231,40 @@ def case_indefinite_initial_covariance_raises():
         except ValueError as exc:
             raised[backend] = 0.0 if "not positive definite" in str(exc) else 1.0
     return raised, 0.0
+
+
+def case_indefinite_covariance_raises_in_the_backward():
+    """With gradients to come the forward leaves its pivot check to the backward
+    (kernels/pivot_check.py): P0 = −I then passes the forward, eager and compiled, and the
+    backward raises before any gradient exists. Also: a sound forward's check is consumed by
+    its backward, so none is left behind."""
+    from titan_bayes.kernels.pivot_check import _PENDING
+
+    xs = make_inputs(B=1, T=20, H=1, K=16, V=16, dtype=torch.float32, requires_grad=True)
+    indefinite = -torch.eye(16).expand(1, 1, 16, 16)
+
+    def loss(*xs, P0=None):
+        o, _ = bayes_filter(*xs, backend="triton", chunk_size=16, initial_state=(None, P0), check_inputs=False)
+        return o.square().sum()
+
+    pending_before = len(_PENDING)
+    loss(*xs, P0=torch.eye(16).expand(1, 1, 16, 16)).backward()
+    failures = {"sound check left behind": float(len(_PENDING) != pending_before)}
+    for name, fn in (("eager", loss), ("compiled", torch.compile(loss, fullgraph=True))):
+        for x in xs:
+            x.grad = None
+        try:
+            value = fn(*xs, P0=indefinite)
+        except ValueError:
+            failures[f"{name}: forward raised"] = 1.0
+            continue
+        try:
+            value.backward()
+            failures[f"{name}: backward passed"] = 1.0
+        except ValueError as exc:
+            failures[f"{name}: message"] = 0.0 if "not positive definite" in str(exc) else 1.0
+        failures[f"{name}: gradients written"] = float(any(x.grad is not None for x in xs))
+    return failures, 0.0
 
 
 def case_overflowing_write_directions_raise():

@@ -335,6 +335,36 @@ def test_covariance_stays_positive_definite_over_65536_tokens():
     assert rel_rms(o, o_ref) <= OUT_TOL and rel_rms(P, P_ref) <= OUT_TOL
 
 
+def test_forward_with_gradients_leaves_the_pivot_check_to_the_backward():
+    """With gradients to come, bayes' forward must not wait for the GPU (torch's sync debug mode
+    raises on any wait); its pivot check is read in the backward (kernels/pivot_check.py),
+    which raises for an indefinite initial covariance. Without gradients the forward raises."""
+    B, T, H, K, V = 2, 512, 2, 128, 128
+    inputs = gdn_inputs(B, T, H, K, V, seed=8)
+    indefinite = -torch.eye(K, device="cuda").expand(B, H, K, K)
+
+    def forward(P0=None):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        o, _ = bayes_filter(*leaves, mode="bayes", backend="triton", initial_state=(None, P0),
+                            check_inputs=False)
+        return o, leaves
+
+    forward()[0].float().square().sum().backward()       # compile and warm up outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o, _ = forward()
+        o_bad, leaves = forward(indefinite)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    o.float().square().sum().backward()
+    with pytest.raises(ValueError, match="not positive definite"):
+        o_bad.float().square().sum().backward()
+    assert all(x.grad is None for x in leaves)
+    with torch.no_grad(), pytest.raises(ValueError, match="not positive definite"):
+        forward(indefinite)
+
+
 def test_auto_backend_picks_the_kernel_and_compiles_as_one_op():
     inputs = gdn_inputs(2, 256, 2, 64, 64, seed=7)
 

@@ -6,7 +6,7 @@
 For each shape and mode it runs forward+backward under torch.profiler and prints the CUDA time
 per Triton kernel (ms per step, summed over launches), their sum, and the step's wall time timed
 as bench_kernels times it (without the profiler): the difference is time the GPU sat idle, waiting
-for the host (launches, the forward's read-back of bayes' pivot check: `--set PIVOT_CHECK=0`).
+for the host (launches, and anything that makes the host wait for the GPU).
 `--set` overrides the kernels' launch constants (module constants of kernels/chunk_fwd.py and
 kernels/backward.py, e.g. `--set COV_WARPS=4 OWN_WARPS=8`); every output and gradient is then
 compared with a run at the defaults in the same process, so a setting that miscompiles (Triton
