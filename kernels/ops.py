@@ -10,12 +10,12 @@ DeltaNet's kernels do) and each chunk's factors, one fp32 C × C block per chunk
 for bayes L, L⁻¹ and the gains packed into it (L below the diagonal, L⁻¹ᵀ above it, the gains
 on it), for reset the inverse L⁻¹ of its delta-rule system (as fla saves its solve_tril);
 bayes also saves its write directions Ũ = diag(√w) U ([B·T, H, K], fp16 for 16-bit keys:
-chunk_fwd.write_dtype) and its pivot check `status`, which the backward reads first when the
-forward left it to it (defer_check: pivot_check.py). It reruns the first two forward passes
-for the chunk-boundary states and covariances: some extra time for a saved memory of the
-inputs, C floats per token and head, and for bayes K halves. The saved factors spare the rerun reset's triangular inverse of
-every chunk, and with Ũ bayes replays its covariances in parallel over P's tiles instead of
-sweeping every chunk's LDLᵀ again.
+chunk_fwd.write_dtype) and its pivot check `status`, which the backward reads before it
+returns when the forward left it to it (defer_check: pivot_check.py). It reruns the first two
+forward passes for the chunk-boundary states and covariances: some extra time for a saved
+memory of the inputs, C floats per token and head, and for bayes K halves. The saved factors
+spare the rerun reset's triangular inverse of every chunk, and with Ũ bayes replays its
+covariances in parallel over P's tiles instead of sweeping every chunk's LDLᵀ again.
 """
 
 from __future__ import annotations

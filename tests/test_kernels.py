@@ -236,8 +236,8 @@ def case_indefinite_initial_covariance_raises():
 def case_indefinite_covariance_raises_in_the_backward():
     """With gradients to come the forward leaves its pivot check to the backward
     (kernels/pivot_check.py): P0 = −I then passes the forward, eager and compiled, and the
-    backward raises before any gradient exists. Also: a sound forward's check is consumed by
-    its backward, so none is left behind."""
+    backward raises before any gradient reaches the inputs. Also: a sound forward's check is
+    consumed by its backward, so none is left behind."""
     from titan_bayes.kernels.pivot_check import _PENDING
 
     xs = make_inputs(B=1, T=20, H=1, K=16, V=16, dtype=torch.float32, requires_grad=True)
