@@ -165,11 +165,13 @@ def test_bayes_gradients_with_variance_initial_state_given_noise_and_documents(K
 @pytest.mark.parametrize("K,V", [(128, 128), (256, 256)])
 def test_bayes_gradients_where_the_covariance_carries_across_chunks(K, V):
     """gdn_inputs' decays average Γ_C ≈ e^-13 over a chunk of 32, so P_{i+1} = Γ_C² P_i + ... and the
-    backward's dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i barely carry anything from chunk to chunk there: the
-    tests above hardly see the sweeps' propagation terms at these tile shapes. Weak decays
-    (Γ_C ≈ 0.8) and weak writes make every chunk's gradients, and those of the initial state,
-    depend on what the sweeps carry. (On such inputs at K = 128 the fp32 chunked reference is
-    within 4e-7 of the float64 filter in every output and gradient, measured on a CPU.)"""
+    backward's dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i carry little from chunk to chunk there. Weak
+    decays (Γ_C ≈ 0.8) and weak writes make every chunk's gradients, and those of the initial
+    state, depend on what the sweeps carry. (On such inputs at K = 128 the fp32 chunked
+    reference is within 4e-7 of the float64 filter in every output and gradient, measured on a
+    CPU. On an H100, dropping the backward sweep's −Γ_C B_iᵀ Z_j term failed both cases here,
+    and also test_matches_fp32_reference at (8, 4096, 6, 256, 512), which Triton's interpreter's
+    strong-decay case does not see.)"""
     B, T, H = 2, 2048, 2
     inputs = gdn_inputs(B, T, H, K, V, seed=21)
     inputs[3] = inputs[3] * 0.02
