@@ -20,8 +20,8 @@ read-back in the forward, 0.91 ms with no check at all, 1.22–1.35 ms with this
 own forward; in a model only the last layer's backward can.
 
 What a user sees: with gradients, a forward whose S lost positive definiteness returns NaNs and
-the error is raised when the backward reaches that layer, before that layer's gradients exist
-(so before any optimizer step). A forward run with gradients enabled whose backward never runs
+the error is raised when the backward reaches that layer, before that layer returns its
+gradients (so before any optimizer step). A forward run with gradients enabled whose backward never runs
 is not checked.
 """
 
