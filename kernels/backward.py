@@ -67,6 +67,19 @@ COV_SWEEP_WARPS = 4
 # (8, 4096, 6, 256, 512) split 4 ways, 5.43 → 5.09 ms on an H100.
 COV_SWEEP_PER_SM = 2
 COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk_fwd.COV_STAGES)
+# The sweep's update pass on bf16 tensor cores (chunk_fwd.bf16_dots; 0 = TF32 products). On an
+# H100 (one process, `profile_kernels --set`): sweep 4.19 → 3.51 ms at (8, 4096, 6, 256, 512) and
+# 1.77 → 1.42 at (8, 4096, 8, 128, 128), fwd+bwd 22.56 → 21.97 and 11.04 → 10.70 ms; gradients
+# moved by at most 1.4e-4 relative (dk; dg 2e-5, dbeta 1.1e-4), o, dq and dv not at all.
+# What pointed here: a microbenchmark of one part's per-chunk work (the Z/W pass and this update,
+# same math, no group barrier; a scratch script, not kept), 128 programs, one per SM, per chunk at
+# K = 256 / 128: this kernel's TF32 form 21.6 / 13.8 µs, with bf16 operands 18.0 / 10.4; the same
+# in Gluon (Triton 3.6's triton.experimental.gluon) with the part's dP columns resident in shared
+# memory 26.6 / 14.2, and with each chunk's [C, K] operands also copied to shared memory at once
+# (cp.async) 23.2 / 12.9; the TF32 form at 8 warps 25.7 / 15.8. So dP's round trip to L2 is not
+# what a chunk waits on (keeping it on chip, the lever earlier notes proposed, did not help); the
+# number and width of the small products' operands are.
+COV_SWEEP_UPDATE_16 = 1
 # The sweep also forms each chunk's products with its end-covariance adjoint (Z = U D̄, ⟨P, D̄⟩,
 # tr D̄), which a chunk-parallel kernel used to form from every chunk's stored dP: on an H100
 # fwd+bwd 22.21 → 21.18 ms at (8, 4096, 6, 256, 512) and 10.25 → 9.89 at (8, 4096, 8, 128, 128)
@@ -249,7 +262,8 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     shares = torch.empty(N * H * 2 * NS, C, C, **f32) if NS > 1 else pd
     _cov_sweep_kernel[(N * H * NS,)](mid.u, Bf, k, q, g, G, dvar, plan.cu, plan.slot0, mid.p_slots, dp_bufs, Zs,
                                      pd, tr, shares, sync, scale, H, plan.n_chunks * H, K=K, BP=BKB, C=C, VAR=VAR,
-                                     NS=NS, num_warps=COV_SWEEP_WARPS, num_stages=COV_SWEEP_STAGES)
+                                     NS=NS, UPDATE_16=bf16_dots(COV_SWEEP_UPDATE_16, k),
+                                     num_warps=COV_SWEEP_WARPS, num_stages=COV_SWEEP_STAGES)
     dP0 = dp_bufs[:, :, 2]
     dq, dk, dbeta, dnoise = torch.empty_like(q), torch.empty_like(k), torch.empty_like(beta), torch.empty_like(noise)
     F, kpart = Bf, G                                          # scratch, free again after the sweep

@@ -158,9 +158,19 @@ def _bayes_own_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, l_ptr, gs_ptr
 
 
 @triton.jit
+def _update_operand(x, UPDATE_16: tl.constexpr):
+    """A product operand of the covariance sweep's update pass: x as it is (TF32 products on a GPU),
+    or rounded to bf16 for bf16 tensor cores (UPDATE_16)."""
+    if UPDATE_16:
+        x = x.to(tl.bfloat16)
+    return x
+
+
+@triton.jit
 def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_ptr, slot_ptr, p_ptr, dp_ptr,
                       z_ptr, pd_ptr, tr_ptr, part_ptr, sync_ptr, scale, H, n_cc, K: tl.constexpr,
-                      BP: tl.constexpr, C: tl.constexpr, VAR: tl.constexpr, NS: tl.constexpr):
+                      BP: tl.constexpr, C: tl.constexpr, VAR: tl.constexpr, NS: tl.constexpr,
+                      UPDATE_16: tl.constexpr):
     """The covariance adjoint sweep for one (document, head): dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i,
     which also hands every chunk i the products of its end-covariance adjoint D̄ = dP_{i+1} that
     its input gradients need: Z = U D̄ (token-major scratch z, [B·T, H, K]), and each K column
@@ -179,7 +189,10 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
     A part reads and writes only its own columns of dP, so the two buffers need no barrier
     between parts; Z has rows per chunk, and the shares of W alternate between two buffers by
     chunk, so a part that runs ahead into the next chunk does not overwrite what a slower part
-    still reads."""
+    still reads.
+    UPDATE_16: the update pass's products take bf16 operands (B, Z, W, K̃, G, Q̃ rounded to bf16,
+    fp32 accumulation; dP itself stays fp32), as the design note's §6 allows for covariance
+    products; the Z/W pass keeps its TF32 products with dP."""
     group, part = _split_program(sync_ptr, NS)
     n, h = group // H, group % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -237,17 +250,20 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
             tl.debug_barrier()                                 # Z read back by other threads
         # Tile (i, j) of Φᵀ dP Φ − Γ_C² dP = −Γ_C B_iᵀ Z_j + (Wᵀ B_i − Γ_C Z_i)ᵀ B_j: two products of
         # [BP, C] by [C, BP]. The column loop is outside, so an own column's loads happen once.
+        W_op = _update_operand(W, UPDATE_16)
         for jb in range(part * BP, K, NS * BP):
             cols = jb + pp
             cmask = cols < K
             jmask = valid[:, None] & cmask[None, :]
             j_off = tok[:, None] * K + cols[None, :]
-            B_j = tl.load(b_ptr + j_off, mask=jmask, other=0.0)
-            Z_j = tl.load(z_ptr + j_off, mask=jmask, other=0.0, cache_modifier=".cg")
-            kt_j = tl.load(k_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * gamma[:, None]
-            G_j = tl.load(gfac_ptr + j_off, mask=jmask, other=0.0)
+            B_j = _update_operand(tl.load(b_ptr + j_off, mask=jmask, other=0.0), UPDATE_16)
+            Z_j = _update_operand(tl.load(z_ptr + j_off, mask=jmask, other=0.0, cache_modifier=".cg"), UPDATE_16)
+            kt_j = _update_operand(tl.load(k_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * gamma[:, None],
+                                   UPDATE_16)
+            G_j = _update_operand(tl.load(gfac_ptr + j_off, mask=jmask, other=0.0), UPDATE_16)
             if VAR:
-                qt_j = tl.load(q_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * (gamma * dv)[:, None]
+                qt_j = _update_operand(
+                    tl.load(q_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * (gamma * dv)[:, None], UPDATE_16)
             for ib in range(0, K, BP):
                 r_idx = ib + pp
                 rmask = r_idx < K
@@ -260,11 +276,13 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
                 kt_i = tl.load(k_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
                 G_i = tl.load(gfac_ptr + i_off, mask=imask, other=0.0)
                 tile = tl.load(src + tile_off, mask=tile_mask, other=0.0)
-                WB_i = tl.dot(tl.trans(W), B_i) - gamma_C * Z_i                  # [C, BP]
-                own = 0.5 * (tl.dot(tl.trans(kt_i), G_j) + tl.dot(tl.trans(G_i), kt_j))
+                B_i = _update_operand(B_i, UPDATE_16)
+                WB_i = _update_operand(tl.dot(tl.trans(W_op), B_i) - gamma_C * Z_i, UPDATE_16)     # [C, BP]
+                own = 0.5 * (tl.dot(tl.trans(_update_operand(kt_i, UPDATE_16)), G_j)
+                             + tl.dot(tl.trans(_update_operand(G_i, UPDATE_16)), kt_j))
                 if VAR:
                     qt_i = tl.load(q_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
-                    own += tl.dot(tl.trans(qt_i), qt_j)
+                    own += tl.dot(tl.trans(_update_operand(qt_i, UPDATE_16)), qt_j)
                 tile = (gamma_C * gamma_C * tile - gamma_C * tl.dot(tl.trans(B_i), Z_j)
                         + tl.dot(tl.trans(WB_i), B_j) + own)
                 tl.store(dst + tile_off, tile, mask=tile_mask)
