@@ -72,7 +72,7 @@ COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk
 # 1.77 → 1.42 at (8, 4096, 8, 128, 128), fwd+bwd 22.56 → 21.97 and 11.04 → 10.70 ms; gradients
 # moved by at most 1.4e-4 relative (dk; dg 2e-5, dbeta 1.1e-4), o, dq and dv not at all.
 # What pointed here: a microbenchmark of one part's per-chunk work (the Z/W pass and this update,
-# same math, no group barrier; a scratch script, not kept), 128 programs, one per SM, per chunk at
+# same math, no group barrier; tools/sweep_microbench.py), 128 programs, one per SM, per chunk at
 # K = 256 / 128: this kernel's TF32 form 21.6 / 13.8 µs, with bf16 operands 18.0 / 10.4; the same
 # in Gluon (Triton 3.6's triton.experimental.gluon) with the part's dP columns resident in shared
 # memory 26.6 / 14.2, and with each chunk's [C, K] operands also copied to shared memory at once
