@@ -117,6 +117,16 @@ def _z_pass(u_ptr, p_ptr, zout_ptr, dP, PD, base, pbase, part, K: gl.constexpr, 
 
 
 @gluon.jit
+def _write_back(dp, dP, pd_ptr, PD, BP: gl.constexpr, NB: gl.constexpr, mma: gl.constexpr):
+    """The part's final dP columns from shared memory to dp, and its ⟨P, dP⟩ sum to pd_ptr."""
+    r = gl.arange(0, BP, layout=gl.SliceLayout(1, mma))
+    c = gl.arange(0, BP, layout=gl.SliceLayout(0, mma))
+    for t in gl.static_range(NB):
+        gl.store(dp + t * BP * BP + r[:, None] * BP + c[None, :], dP.index(t).load(mma))
+    gl.store(pd_ptr, gl.sum(PD, 0))
+
+
+@gluon.jit
 def upd_gluon(u_ptr, p_ptr, b_ptr, zin_ptr, kt_ptr, gf_ptr, w_ptr, dp_ptr, zout_ptr, pd_ptr, n_chunks, g,
               K: gl.constexpr, BP: gl.constexpr, C: gl.constexpr, NPART: gl.constexpr):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
@@ -163,11 +173,7 @@ def upd_gluon(u_ptr, p_ptr, b_ptr, zin_ptr, kt_ptr, gf_ptr, w_ptr, dp_ptr, zout_
             tile = mma_v2(G_iT * 0.5, j_s.index(2).load(opB), tile, input_precision="tf32")
             dP.index(ib).store(tile)
         gl.thread_barrier()
-    r = gl.arange(0, BP, layout=gl.SliceLayout(1, mma))
-    c = gl.arange(0, BP, layout=gl.SliceLayout(0, mma))
-    for t in gl.static_range(NB):
-        gl.store(dp + t * BP * BP + r[:, None] * BP + c[None, :], dP.index(t).load(mma))
-    gl.store(pd_ptr + pid, gl.sum(PD, 0))
+    _write_back(dp, dP, pd_ptr + pid, PD, BP, NB, mma)
 
 
 @gluon.jit
@@ -229,11 +235,7 @@ def upd_gluon_staged(u_ptr, p_ptr, b_ptr, zin_ptr, kt_ptr, gf_ptr, w_ptr, dp_ptr
             tile = mma_v2(G_iT * 0.5, ops.index(2 * NB + part).load(opB), tile, input_precision="tf32")
             dP.index(ib).store(tile)
         gl.thread_barrier()
-    r = gl.arange(0, BP, layout=gl.SliceLayout(1, mma))
-    c = gl.arange(0, BP, layout=gl.SliceLayout(0, mma))
-    for t in gl.static_range(NB):
-        gl.store(dp + t * BP * BP + r[:, None] * BP + c[None, :], dP.index(t).load(mma))
-    gl.store(pd_ptr + pid, gl.sum(PD, 0))
+    _write_back(dp, dP, pd_ptr + pid, PD, BP, NB, mma)
 
 
 def main():
