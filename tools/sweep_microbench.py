@@ -188,8 +188,6 @@ def upd_gluon_staged(u_ptr, p_ptr, b_ptr, zin_ptr, kt_ptr, gf_ptr, w_ptr, dp_ptr
     row: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
     shl: gl.constexpr = gl.SwizzledSharedLayout(2, 1, 8, [1, 0])
     opl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    opl3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [1, 4, 1], [2, 1, 0])
     pid = gl.program_id(0)
     grp = pid // NPART
     part = pid % NPART
@@ -202,7 +200,6 @@ def upd_gluon_staged(u_ptr, p_ptr, b_ptr, zin_ptr, kt_ptr, gf_ptr, w_ptr, dp_ptr
         dP.index(t).store(_tload(dp, t * BP * BP, BP, BP, BP, mma))
     PD = gl.zeros([BP], gl.float32, gl.SliceLayout(1, mma))
     rr = gl.arange(0, C, layout=gl.SliceLayout(1, row))
-    kk = gl.arange(0, K, layout=gl.SliceLayout(0, row))
     cb = gl.arange(0, BP, layout=gl.SliceLayout(0, row))
     offs = rr[:, None] * K + cb[None, :]
     cw = gl.arange(0, C, layout=gl.SliceLayout(0, row))
