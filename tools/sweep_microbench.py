@@ -32,6 +32,14 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 
 @triton.jit
+def _operand(x, LOW: tl.constexpr):
+    """A product operand as it is (TF32), or rounded to bf16 (LOW), as bayes_keys._update_operand."""
+    if LOW:
+        x = x.to(tl.bfloat16)
+    return x
+
+
+@triton.jit
 def upd_triton(u_ptr, p_ptr, b_ptr, zin_ptr, kt_ptr, gf_ptr, w_ptr, dp_ptr, zout_ptr, pd_ptr, n_chunks, g,
                K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NPART: tl.constexpr, LOW: tl.constexpr = False):
     pid = tl.program_id(0)
@@ -67,19 +75,27 @@ def upd_triton(u_ptr, p_ptr, b_ptr, zin_ptr, kt_ptr, gf_ptr, w_ptr, dp_ptr, zout
             kt_i = tl.load(kt_ptr + i_off)
             G_i = tl.load(gf_ptr + i_off)
             tile = tl.load(dp + r[:, None] * BP + pp[None, :])
-            if LOW:
-                lt = tl.bfloat16
-                WB_i = tl.dot(tl.trans(W.to(lt)), B_i.to(lt)) - g * Z_i
-                own = 0.5 * (tl.dot(tl.trans(kt_i.to(lt)), G_j.to(lt)) + tl.dot(tl.trans(G_i.to(lt)), kt_j.to(lt)))
-                tile = (g * g * tile - g * tl.dot(tl.trans(B_i.to(lt)), Z_j.to(lt))
-                        + tl.dot(tl.trans(WB_i.to(lt)), B_j.to(lt)) + own)
-            else:
-                WB_i = tl.dot(tl.trans(W), B_i) - g * Z_i
-                own = 0.5 * (tl.dot(tl.trans(kt_i), G_j) + tl.dot(tl.trans(G_i), kt_j))
-                tile = g * g * tile - g * tl.dot(tl.trans(B_i), Z_j) + tl.dot(tl.trans(WB_i), B_j) + own
+            WB_i = tl.dot(tl.trans(_operand(W, LOW)), _operand(B_i, LOW)) - g * Z_i
+            own = 0.5 * (tl.dot(tl.trans(_operand(kt_i, LOW)), _operand(G_j, LOW))
+                         + tl.dot(tl.trans(_operand(G_i, LOW)), _operand(kt_j, LOW)))
+            tile = (g * g * tile - g * tl.dot(tl.trans(_operand(B_i, LOW)), _operand(Z_j, LOW))
+                    + tl.dot(tl.trans(_operand(WB_i, LOW)), _operand(B_j, LOW)) + own)
             tl.store(dp + r[:, None] * BP + pp[None, :], tile)
         tl.debug_barrier()
     tl.store(pd_ptr + pid, tl.sum(tl.sum(PD, 1), 0))
+
+
+# Layouts of the Gluon forms (4 warps): the MMA accumulators of the [BP, ·] tiles and of Z [C, BP],
+# their operands, register layouts contiguous along dim 1 (row) or dim 0 (col), shared buffers
+# (swizzled for dP, plain for the staged operands).
+mma = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]))
+opA = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=mma, k_width=1))
+opB = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=mma, k_width=1))
+mmaZ = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[2, 2], instr_shape=[16, 8]))
+row = gl.constexpr(gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0]))
+col = gl.constexpr(gl.BlockedLayout([4, 1], [8, 4], [1, 4], [0, 1]))
+shl = gl.constexpr(gl.SwizzledSharedLayout(2, 1, 8, [1, 0]))
+opl = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
 
 
 @gluon.jit
@@ -129,13 +145,6 @@ def _write_back(dp, dP, pd_ptr, PD, BP: gl.constexpr, NB: gl.constexpr, mma: gl.
 @gluon.jit
 def upd_gluon(u_ptr, p_ptr, b_ptr, zin_ptr, kt_ptr, gf_ptr, w_ptr, dp_ptr, zout_ptr, pd_ptr, n_chunks, g,
               K: gl.constexpr, BP: gl.constexpr, C: gl.constexpr, NPART: gl.constexpr):
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
-    opA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=1)
-    opB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=1)
-    mmaZ: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[2, 2], instr_shape=[16, 8])
-    row: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])     # contiguous along dim 1
-    col: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, 4], [0, 1])     # contiguous along dim 0
-    shl: gl.constexpr = gl.SwizzledSharedLayout(2, 1, 8, [1, 0])
     pid = gl.program_id(0)
     grp = pid // NPART
     part = pid % NPART
@@ -181,13 +190,6 @@ def upd_gluon_staged(u_ptr, p_ptr, b_ptr, zin_ptr, kt_ptr, gf_ptr, w_ptr, dp_ptr
                      K: gl.constexpr, BP: gl.constexpr, C: gl.constexpr, NPART: gl.constexpr):
     """upd_gluon, with each chunk's [C, K] operands B, Z, K̃, G (and W) copied to shared memory
     at once (cp.async, one round trip per chunk instead of one per tile)."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
-    opA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=1)
-    opB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=1)
-    mmaZ: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[2, 2], instr_shape=[16, 8])
-    row: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
-    shl: gl.constexpr = gl.SwizzledSharedLayout(2, 1, 8, [1, 0])
-    opl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     pid = gl.program_id(0)
     grp = pid // NPART
     part = pid % NPART
