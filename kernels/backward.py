@@ -80,6 +80,9 @@ COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk
 # what a chunk waits on (keeping it on chip, the lever earlier notes proposed, did not help); the
 # number and width of the small products' operands are.
 COV_SWEEP_UPDATE_16 = 1
+# The sweep's Z/W pass on bf16 tensor cores too (dP's tiles rounded to bf16 for Z = U dP). Not yet
+# measured on a GPU: off until it is.
+COV_SWEEP_Z_16 = 0
 # The sweep also forms each chunk's products with its end-covariance adjoint (Z = U D̄, ⟨P, D̄⟩,
 # tr D̄), which a chunk-parallel kernel used to form from every chunk's stored dP: on an H100
 # fwd+bwd 22.21 → 21.18 ms at (8, 4096, 6, 256, 512) and 10.25 → 9.89 at (8, 4096, 8, 128, 128)
@@ -263,6 +266,7 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     _cov_sweep_kernel[(N * H * NS,)](mid.u, Bf, k, q, g, G, dvar, plan.cu, plan.slot0, mid.p_slots, dp_bufs, Zs,
                                      pd, tr, shares, sync, scale, H, plan.n_chunks * H, K=K, BP=BKB, C=C, VAR=VAR,
                                      NS=NS, UPDATE_16=bf16_dots(COV_SWEEP_UPDATE_16, k),
+                                     Z_16=bf16_dots(COV_SWEEP_Z_16, k),
                                      num_warps=COV_SWEEP_WARPS, num_stages=COV_SWEEP_STAGES)
     dP0 = dp_bufs[:, :, 2]
     dq, dk, dbeta, dnoise = torch.empty_like(q), torch.empty_like(k), torch.empty_like(beta), torch.empty_like(noise)

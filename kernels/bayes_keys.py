@@ -158,10 +158,10 @@ def _bayes_own_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, l_ptr, gs_ptr
 
 
 @triton.jit
-def _update_operand(x, UPDATE_16: tl.constexpr):
-    """A product operand of the covariance sweep's update pass: x as it is (TF32 products on a GPU),
-    or rounded to bf16 for bf16 tensor cores (UPDATE_16)."""
-    if UPDATE_16:
+def _update_operand(x, TO_16: tl.constexpr):
+    """A product operand of the covariance sweep: x as it is (TF32 products on a GPU), or rounded
+    to bf16 for bf16 tensor cores (UPDATE_16 for the update pass, Z_16 for the Z/W pass)."""
+    if TO_16:
         x = x.to(tl.bfloat16)
     return x
 
@@ -170,7 +170,7 @@ def _update_operand(x, UPDATE_16: tl.constexpr):
 def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_ptr, slot_ptr, p_ptr, dp_ptr,
                       z_ptr, pd_ptr, tr_ptr, part_ptr, sync_ptr, scale, H, n_cc, K: tl.constexpr,
                       BP: tl.constexpr, C: tl.constexpr, VAR: tl.constexpr, NS: tl.constexpr,
-                      UPDATE_16: tl.constexpr):
+                      UPDATE_16: tl.constexpr, Z_16: tl.constexpr):
     """The covariance adjoint sweep for one (document, head): dP_i = Φ_iᵀ dP_{i+1} Φ_i + own_i,
     which also hands every chunk i the products of its end-covariance adjoint D̄ = dP_{i+1} that
     its input gradients need: Z = U D̄ (token-major scratch z, [B·T, H, K]), and each K column
@@ -192,7 +192,8 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
     still reads.
     UPDATE_16: the update pass's products take bf16 operands (B, Z, W, K̃, G, Q̃ rounded to bf16,
     fp32 accumulation; dP itself stays fp32), as the design note's §6 allows for covariance
-    products; the Z/W pass keeps its TF32 products with dP."""
+    products. Z_16: the Z/W pass's products too (U and dP's tiles rounded to bf16 for Z = U dP, Z
+    for W = Z Uᵀ; Z is stored in fp32)."""
     group, part = _split_program(sync_ptr, NS)
     n, h = group // H, group % H
     bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
@@ -232,13 +233,13 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
                 tile = tl.load(src + tile_off, mask=tile_mask, other=0.0)
                 PD += tl.load(p_base + tile_off, mask=tile_mask, other=0.0) * tile
                 U_i = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
-                Z += tl.dot(U_i, tile)
+                Z += tl.dot(_update_operand(U_i, Z_16), _update_operand(tile, Z_16))
             tl.store(z_ptr + tok[:, None] * K + cols[None, :], Z, mask=valid[:, None] & cmask[None, :])
             diag = tl.load(src + cols * K + cols, mask=cmask, other=0.0)
             tl.store(pd_ptr + (jb // BP) * n_cc + dot_base, tl.sum(tl.sum(PD, 1), 0))
             tl.store(tr_ptr + (jb // BP) * n_cc + dot_base, tl.sum(diag, 0))
             U_j = tl.load(u_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
-            W += tl.dot(Z, tl.trans(U_j))
+            W += tl.dot(_update_operand(Z, Z_16), tl.trans(_update_operand(U_j, Z_16)))
         if NS > 1:
             shares = part_ptr + ((group * 2 + j % 2) * NS) * C * C
             tl.store(shares + part * C * C + cc, W)

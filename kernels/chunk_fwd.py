@@ -273,7 +273,8 @@ def _group_barrier(count_ptr, arrivals):
 def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, p_ptr, pfin_ptr, x_ptr, elim_ptr,
                       us_ptr, ud_ptr, linv_ptr, l_ptr, w_ptr, f_ptr, vpri_ptr, part_ptr, sync_ptr, H,
                       K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
-                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, NS: tl.constexpr):
+                      R_MIN: tl.constexpr, WITH_VARIANCE: tl.constexpr, NS: tl.constexpr,
+                      WRITES_16: tl.constexpr):
     """The covariance sweep of one (document, head), by NS programs (COV_SPLIT). L⁻¹, L and w
     are stored unpacked for the other kernels, and packed for the backward in f: one C × C block
     per chunk holding L below the diagonal, L⁻¹ transposed above it and w on it (both factors
@@ -382,7 +383,7 @@ def _bayes_cov_kernel(k_ptr, q_ptr, g_ptr, beta_ptr, noise_ptr, cu_ptr, p_ptr, p
         S, KK, q_P_q, q_sq = _update_covariance(
             us_ptr, p_old, p_new, tok, valid, g_ptr, noise_ptr, part,
             k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next,
-            K, BP, C, NS, WITH_VARIANCE)
+            K, BP, C, NS, WITH_VARIANCE, WRITES_16)
         tl.debug_barrier()                                     # next chunk reads the new P
 
 
@@ -469,7 +470,8 @@ def _key_block_sums(k_ptr, q_ptr, x_base, tok, valid, gamma, d, jb, kP, qP, S, K
 
 
 @triton.jit
-def _covariance_tile(us_ptr, P0, tok, valid, a, b, weight, gamma_C, d_C, K: tl.constexpr, BP: tl.constexpr):
+def _covariance_tile(us_ptr, P0, tok, valid, a, b, weight, gamma_C, d_C, K: tl.constexpr, BP: tl.constexpr,
+                     WRITES_16: tl.constexpr):
     """Tile (a, b) of P_C = Γ_C² P0 + d_C I − Ũᵀ diag(weight) Ũ, for a ≤ b (both tile offsets),
     from that tile of P0 and the saved write directions Ũ = diag(√w) U: the forward's update and
     the backward's replay (_cov_replay_kernel) both form it here, so they agree."""
@@ -477,10 +479,17 @@ def _covariance_tile(us_ptr, P0, tok, valid, a, b, weight, gamma_C, d_C, K: tl.c
     r_idx = a + pp
     c_idx = b + pp
     U_a = tl.load(us_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & (r_idx < K)[None, :],
-                  other=0.0, cache_modifier=".cg").to(tl.float32)
+                  other=0.0, cache_modifier=".cg")
     U_b = tl.load(us_ptr + tok[:, None] * K + c_idx[None, :], mask=valid[:, None] & (c_idx < K)[None, :],
-                  other=0.0, cache_modifier=".cg").to(tl.float32)
-    tile = gamma_C * gamma_C * P0 - tl.dot(tl.trans(U_a * weight[:, None]), U_b)
+                  other=0.0, cache_modifier=".cg")
+    U_a = U_a.to(tl.float32) * weight[:, None]
+    if WRITES_16:
+        # fp16 products: Ũ_b as saved, Ũ_a·weight rounded to fp16's 11 significant bits (TF32 keeps
+        # as many); weight ≤ 1, so the range is the saved directions' (write_dtype).
+        update = tl.dot(tl.trans(U_a.to(U_b.dtype)), U_b)
+    else:
+        update = tl.dot(tl.trans(U_a), U_b.to(tl.float32))
+    tile = gamma_C * gamma_C * P0 - update
     tile += tl.where(r_idx[:, None] == c_idx[None, :], d_C, 0.0)
     if a == b:
         tile = 0.5 * (tile + tl.trans(tile))
@@ -512,7 +521,7 @@ def _write_weights(g_ptr, noise_ptr, tok, valid, C: tl.constexpr):
 def _update_covariance(us_ptr, p_old, p_new, tok, valid, g_ptr, noise_ptr, part,
                        k_ptr, q_ptr, x_base, tok_next, valid_next, gamma_next, d_next,
                        K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NS: tl.constexpr,
-                       WITH_VARIANCE: tl.constexpr):
+                       WITH_VARIANCE: tl.constexpr, WRITES_16: tl.constexpr):
     """P_C = Γ_C² P0 + d_C I − Uᵀ diag(Λ_C·² w) U, this part's column tiles (all rows), stored
     exactly symmetric (note §6), so it stays so across chunks: every tile is computed as the tile
     (a, b) with a ≤ b and written to (a, b), or transposed to (b, a), by the same code whichever
@@ -533,7 +542,7 @@ def _update_covariance(us_ptr, p_old, p_new, tok, valid, g_ptr, noise_ptr, part,
         for ib in range(0, K, BP):
             a, b = tl.minimum(ib, jb), tl.maximum(ib, jb)
             tile = _covariance_tile(us_ptr, _p_tile(p_old, a, b, K, BP), tok, valid, a, b, weight, gamma_C, d_C,
-                                    K, BP)
+                                    K, BP, WRITES_16)
             if ib > jb:
                 tile = tl.trans(tile)
             r_idx = ib + pp
@@ -548,7 +557,8 @@ def _update_covariance(us_ptr, p_old, p_new, tok, valid, g_ptr, noise_ptr, part,
 
 @triton.jit
 def _cov_replay_kernel(us_ptr, g_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, H,
-                       K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NB: tl.constexpr):
+                       K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NB: tl.constexpr,
+                       WRITES_16: tl.constexpr):
     """The backward's covariances from the forward's saved write directions Ũ: over the chunks
     of one (document, head), P_{i+1} = Γ_C² P_i + d_C I − Ũ_iᵀ diag(Λ_C·²) Ũ_i for one tile pair
     (a ≤ b) of P, stored at (a, b) and transposed at (b, a), as the forward stores it.
@@ -572,7 +582,7 @@ def _cov_replay_kernel(us_ptr, g_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, H,
             valid = rows < eos
             tok = rows * H + h
             weight, gamma_C, d_C = _write_weights(g_ptr, noise_ptr, tok, valid, C)
-            tile = _covariance_tile(us_ptr, tile, tok, valid, a, b, weight, gamma_C, d_C, K, BP)
+            tile = _covariance_tile(us_ptr, tile, tok, valid, a, b, weight, gamma_C, d_C, K, BP, WRITES_16)
             p_new = p_ptr + ((slot0 + i + 1) * H + h).to(tl.int64) * K * K
             tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile, mask=mask)
             if a != b:
@@ -974,6 +984,9 @@ COV_WARPS_ALONE = 8
 # 18% on fixed-latency waits, 14% on shared memory; 0.21 instructions issued per cycle and
 # scheduler. So it waits on latency, not on throughput, as the backward's sweep does.
 COV_STAGES = 1
+# P's update (forward sweep and backward replay) with fp16 products of the saved write directions
+# (writes_16); 0 = TF32. Not yet measured on a GPU: off until it is.
+COV_WRITES_16 = 0
 # The output kernel's key block, widest V block and software-pipelining stages of its key loop.
 # On an H100 (Triton 3.6), reset forward at (8, 4096, 6, 256, 512): 0.87 ms before the key loop
 # (all K columns at once, V blocks of 64), 0.73 with it, 0.62 with 3 stages; of the 36 settings
@@ -1050,6 +1063,13 @@ def bf16_dots(enabled, *operands):
     with gains up to 1 / R_MIN) and never under the interpreter (its bf16 dots are wrong,
     see key_dots)."""
     return bool(enabled) and all(x.dtype == torch.bfloat16 for x in operands) and not _interpreting()
+
+
+def writes_16(writes):
+    """Whether P's update takes its products with the saved write directions on fp16 tensor cores
+    (WRITES_16 of _covariance_tile): when they are saved in fp16 (write_dtype) and COV_WRITES_16 is
+    set, never under the interpreter."""
+    return bool(COV_WRITES_16) and writes.dtype == torch.float16 and not _interpreting()
 
 
 def innovation_dtype(v):
@@ -1213,7 +1233,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
                 k, q, g, beta, noise, plan.cu, p_buf, p_final, scratch, elim, writes, u_dots, linv, l_factor,
                 w, packed, vpri if vpri is not None else w, shares, sync, H,
                 K=K, BP=BP, C=C, R_MIN=fm.R_MIN, WITH_VARIANCE=output_variance, NS=NS,
-                num_warps=cov_warps, num_stages=COV_STAGES)
+                WRITES_16=writes_16(writes), num_warps=cov_warps, num_stages=COV_STAGES)
         else:
             packed = factors
             p_slots = torch.empty(plan.n_slots, H, K, K, **f32)
@@ -1225,7 +1245,8 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
             BR = min(BK, REPLAY_BLOCK)
             NB = triton.cdiv(K, BR)
             _cov_replay_kernel[(NB * NB, groups)](writes, g, noise, plan.cu, plan.slot0, p_slots, H,
-                                                  K=K, BP=BR, C=C, NB=NB, num_warps=REPLAY_WARPS)
+                                                  K=K, BP=BR, C=C, NB=NB, WRITES_16=writes_16(writes),
+                                                  num_warps=REPLAY_WARPS)
     else:
         if reset_linv_given:
             pass                                # the forward's L⁻¹, taken above
