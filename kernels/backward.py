@@ -80,9 +80,11 @@ COV_SWEEP_STAGES = 1  # software pipelining of the sweep's tile loops (see chunk
 # what a chunk waits on (keeping it on chip, the lever earlier notes proposed, did not help); the
 # number and width of the small products' operands are.
 COV_SWEEP_UPDATE_16 = 1
-# The sweep's Z/W pass on bf16 tensor cores too (dP's tiles rounded to bf16 for Z = U dP). Not yet
-# measured on a GPU: off until it is.
-COV_SWEEP_Z_16 = 0
+# The sweep's Z/W pass on bf16 tensor cores too (dP's tiles rounded to bf16 for Z = U dP). On an
+# H100 (same run as COV_WRITES_16's figures): the sweep 3.50 → 3.34 ms at (8, 4096, 6, 256, 512),
+# 1.41 → 1.42 at (8, 4096, 8, 128, 128); dk moved 1.2e-4 / 1.4e-4, dbeta 7e-5 / 1.1e-4, the rest
+# ≤ 2e-5 (relative). A small gain, at K = 256 only.
+COV_SWEEP_Z_16 = 1
 # The sweep also forms each chunk's products with its end-covariance adjoint (Z = U D̄, ⟨P, D̄⟩,
 # tr D̄), which a chunk-parallel kernel used to form from every chunk's stored dP: on an H100
 # fwd+bwd 22.21 → 21.18 ms at (8, 4096, 6, 256, 512) and 10.25 → 9.89 at (8, 4096, 8, 128, 128)

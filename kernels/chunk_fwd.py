@@ -985,8 +985,11 @@ COV_WARPS_ALONE = 8
 # scheduler. So it waits on latency, not on throughput, as the backward's sweep does.
 COV_STAGES = 1
 # P's update (forward sweep and backward replay) with fp16 products of the saved write directions
-# (writes_16); 0 = TF32. Not yet measured on a GPU: off until it is.
-COV_WRITES_16 = 0
+# (writes_16); 0 = TF32. On an H100 (Triton 3.6, one process, tools/profile_kernels.py --modes bayes
+# against --set COV_WRITES_16=1): covariance kernel 4.44 → 3.89 ms and replay 0.95 → 0.84 at
+# (8, 4096, 6, 256, 512), fwd+bwd 21.54 → 20.72; 2.62 → 2.54, 0.39 → 0.35 and 10.49 → 10.15 at
+# (8, 4096, 8, 128, 128). Outputs and gradients moved ≤ 2.1e-4 (relative).
+COV_WRITES_16 = 1
 # The output kernel's key block, widest V block and software-pipelining stages of its key loop.
 # On an H100 (Triton 3.6), reset forward at (8, 4096, 6, 256, 512): 0.87 ms before the key loop
 # (all K columns at once, V blocks of 64), 0.73 with it, 0.62 with 3 stages; of the 36 settings
