@@ -265,7 +265,7 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
     NS = cov_split(K, BKB, N * H, q.device, COV_SWEEP_PER_SM)
     sync = torch.zeros(1 + N * H, dtype=torch.int32, device=q.device)
     shares = torch.empty(N * H * 2 * NS, C, C, **f32) if NS > 1 else pd
-    _cov_sweep_kernel[(N * H * NS,)](mid.u, Bf, k, q, g, G, dvar, plan.cu, plan.slot0, mid.p_slots, mid.p_unscale, dp_bufs, Zs,
+    _cov_sweep_kernel[(N * H * NS,)](mid.u, Bf, k, q, g, G, dvar, plan.cu, plan.slot0, mid.p_slots, dp_bufs, Zs,
                                      pd, tr, shares, sync, scale, H, plan.n_chunks * H, K=K, BP=BKB, C=C, VAR=VAR,
                                      NS=NS, UPDATE_16=bf16_dots(COV_SWEEP_UPDATE_16, k),
                                      Z_16=bf16_dots(COV_SWEEP_Z_16, k),
@@ -282,7 +282,7 @@ def _bayes_keys(inputs, mid, sums, plan, d_var, dP_final, scale, C):
         sums["dKt"], sums["dgc"], dvar, Zs, pd, tr, plan.chunks, plan.cu, F, kpart, Y, dbeta, dnoise,
         dg_parts[n_kb], scale, H, plan.n_chunks * H,
         K=K, BKB=BKB, C=C, R_MIN=fm.R_MIN, VAR=VAR, num_warps=KEYS_WARPS[C], num_stages=KEYS_STAGES)
-    launch_staged(_keys_fp_kernel, grid_kb, q, k, g, noise, mid.u, sums["dQS"], dvar, mid.p_slots, mid.p_unscale, F, kpart, Y,
+    launch_staged(_keys_fp_kernel, grid_kb, q, k, g, noise, mid.u, sums["dQS"], dvar, mid.p_slots, F, kpart, Y,
                   plan.chunks, plan.cu, plan.slot0, dq, dk, dg_parts, scale, H, n_tok * H,
                   K=K, BKB=BKB, C=C, VAR=VAR, num_warps=KEYS_TILE_WARPS, num_stages=KEYS_STAGES)
     return dq, dk, dg_parts.sum(0).to(g.dtype), dbeta, dnoise, dP0

@@ -167,7 +167,7 @@ def _update_operand(x, TO_16: tl.constexpr):
 
 
 @triton.jit
-def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_ptr, slot_ptr, p_ptr, unscale_ptr, dp_ptr,
+def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_ptr, slot_ptr, p_ptr, dp_ptr,
                       z_ptr, pd_ptr, tr_ptr, part_ptr, sync_ptr, scale, H, n_cc, K: tl.constexpr,
                       BP: tl.constexpr, C: tl.constexpr, VAR: tl.constexpr, NS: tl.constexpr,
                       UPDATE_16: tl.constexpr, Z_16: tl.constexpr):
@@ -213,7 +213,6 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
         src = dp_base + (j % 2) * K * K
         dst = dp_base + tl.where(i == 0, 2, (j + 1) % 2) * K * K
         p_base = p_ptr + ((slot0 + i) * H + h).to(tl.int64) * K * K
-        p_unscale = tl.load(unscale_ptr + (slot0 + i) * H + h)       # slot i holds P_i / p_unscale
         dot_base = (first_chunk + i) * H + h
         lg = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
         gamma = tl.exp(lg)
@@ -232,12 +231,12 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
                 tile_off = r_idx[:, None] * K + cols[None, :]
                 tile_mask = rmask[:, None] & cmask[None, :]
                 tile = tl.load(src + tile_off, mask=tile_mask, other=0.0)
-                PD += tl.load(p_base + tile_off, mask=tile_mask, other=0.0).to(tl.float32) * tile
+                PD += tl.load(p_base + tile_off, mask=tile_mask, other=0.0) * tile
                 U_i = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
                 Z += tl.dot(_update_operand(U_i, Z_16), _update_operand(tile, Z_16))
             tl.store(z_ptr + tok[:, None] * K + cols[None, :], Z, mask=valid[:, None] & cmask[None, :])
             diag = tl.load(src + cols * K + cols, mask=cmask, other=0.0)
-            tl.store(pd_ptr + (jb // BP) * n_cc + dot_base, p_unscale * tl.sum(tl.sum(PD, 1), 0))
+            tl.store(pd_ptr + (jb // BP) * n_cc + dot_base, tl.sum(tl.sum(PD, 1), 0))
             tl.store(tr_ptr + (jb // BP) * n_cc + dot_base, tl.sum(diag, 0))
             U_j = tl.load(u_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
             W += tl.dot(_update_operand(Z, Z_16), tl.trans(_update_operand(U_j, Z_16)))
@@ -405,7 +404,7 @@ def _bayes_keys_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, noise_ptr, u_ptr, w_ptr, l
 
 
 @triton.jit
-def _keys_fp_kernel(q_ptr, k_ptr, g_ptr, noise_ptr, u_ptr, dqs_ptr, dvar_ptr, p_ptr, unscale_ptr, f_ptr, kpart_ptr, y_ptr,
+def _keys_fp_kernel(q_ptr, k_ptr, g_ptr, noise_ptr, u_ptr, dqs_ptr, dvar_ptr, p_ptr, f_ptr, kpart_ptr, y_ptr,
                     chunk_ptr, cu_ptr, slot_ptr, dq_ptr, dk_ptr, dg_ptr, scale, H, n_tok_h,
                     K: tl.constexpr, BKB: tl.constexpr, C: tl.constexpr, VAR: tl.constexpr):
     """Input gradients, third kernel, per (K block jb, chunk, head): column block jb of F P (and of
@@ -430,17 +429,12 @@ def _keys_fp_kernel(q_ptr, k_ptr, g_ptr, noise_ptr, u_ptr, dqs_ptr, dvar_ptr, p_
         r_idx = ib + bb
         rmask = r_idx < K
         imask = valid[:, None] & rmask[None, :]
-        Pt = tl.load(p_base + r_idx[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                     other=0.0).to(tl.float32)
+        Pt = tl.load(p_base + r_idx[:, None] * K + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         F_i = tl.load(f_ptr + tok[:, None] * K + r_idx[None, :], mask=imask, other=0.0)
         FP += tl.dot(F_i, Pt)
         if VAR:
             qt_i = tl.load(q_ptr + tok[:, None] * K + r_idx[None, :], mask=imask, other=0.0).to(tl.float32)
             QP += tl.dot(qt_i * gamma[:, None], Pt)
-    p_unscale = tl.load(unscale_ptr + slot * H + h)       # the slot holds P / p_unscale (fp16 range)
-    FP *= p_unscale
-    if VAR:
-        QP *= p_unscale
     kc = tl.load(k_ptr + off, mask=kmask, other=0.0).to(tl.float32)
     lgb = gamma * tl.sum(kc * FP, 1)                    # Γ_t k_t · (K̃̄ − dKt)_t; dKt's share is in (A)
     dk = tl.load(kpart_ptr + off, mask=kmask, other=0.0) + gamma[:, None] * FP

@@ -556,7 +556,7 @@ def _update_covariance(us_ptr, p_old, p_new, tok, valid, g_ptr, noise_ptr, part,
 
 
 @triton.jit
-def _cov_replay_kernel(us_ptr, g_ptr, noise_ptr, cu_ptr, slot_ptr, p0_ptr, p_ptr, unscale_ptr, H,
+def _cov_replay_kernel(us_ptr, g_ptr, noise_ptr, cu_ptr, slot_ptr, p_ptr, H,
                        K: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, NB: tl.constexpr,
                        WRITES_16: tl.constexpr):
     """The backward's covariances from the forward's saved write directions Ũ: over the chunks
@@ -564,10 +564,7 @@ def _cov_replay_kernel(us_ptr, g_ptr, noise_ptr, cu_ptr, slot_ptr, p0_ptr, p_ptr
     (a ≤ b) of P, stored at (a, b) and transposed at (b, a), as the forward stores it.
     Once Ũ is known the recursion is linear with scalar coefficients, and a tile needs only its
     own columns of Ũ: the tiles run in parallel, each carried in registers from chunk to chunk,
-    where the forward's sweep must wait for each chunk's factorisation.
-    The recursion starts from the fp32 P0 [N, H, K, K] at p0_ptr and stays in fp32. Slot i holds
-    P_i times a power of two (_slot_scale) that keeps fp16 slots (p_slot_dtype) in range; its
-    inverse goes to unscale_ptr [n_slots, H] for the readers (1 for fp32 slots)."""
+    where the forward's sweep must wait for each chunk's factorisation."""
     pair, group = tl.program_id(0), tl.program_id(1)
     ta, tb = pair // NB, pair % NB
     if ta <= tb:                              # the pairs below the diagonal have nothing to do
@@ -576,47 +573,20 @@ def _cov_replay_kernel(us_ptr, g_ptr, noise_ptr, cu_ptr, slot_ptr, p0_ptr, p_ptr
         bos, eos = tl.load(cu_ptr + n), tl.load(cu_ptr + n + 1)
         slot0 = tl.load(slot_ptr + n)
         idx = tl.arange(0, C)
-        pp = tl.arange(0, BP)
-        r_idx = a + pp
-        c_idx = b + pp
+        r_idx = a + tl.arange(0, BP)
+        c_idx = b + tl.arange(0, BP)
         mask = (r_idx < K)[:, None] & (c_idx < K)[None, :]
-        p0_base = p0_ptr + group.to(tl.int64) * K * K
-        tile = _p_tile(p0_base, a, b, K, BP)
-        # bound ≥ every variance of P_i, so ≥ every |entry| (P is positive definite): P0's largest,
-        # then bound ← Γ_C² bound + d_C per chunk, since the writes only subtract.
-        bound = 0.0
-        for db in range(0, K, BP):
-            diag = tl.load(p0_base + (db + pp) * (K + 1), mask=db + pp < K, other=0.0)
-            bound = tl.maximum(bound, tl.max(diag, 0))
-        slot = (slot0 * H + h).to(tl.int64)
-        for i in range(tl.cdiv(eos - bos, C) + 1):
-            if i > 0:                         # P_i from P_{i-1} and chunk i − 1's writes
-                rows = bos + (i - 1) * C + idx
-                valid = rows < eos
-                tok = rows * H + h
-                weight, gamma_C, d_C = _write_weights(g_ptr, noise_ptr, tok, valid, C)
-                tile = _covariance_tile(us_ptr, tile, tok, valid, a, b, weight, gamma_C, d_C, K, BP, WRITES_16)
-                bound = gamma_C * gamma_C * bound + d_C
-            scale = _slot_scale(bound, p_ptr.dtype.element_ty == tl.float16)
-            if pair == 0:
-                tl.store(unscale_ptr + slot + i * H, 1.0 / scale)
-            p_new = p_ptr + (slot + i * H) * K * K
-            stored = (tile * scale).to(p_ptr.dtype.element_ty)
-            tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], stored, mask=mask)
+        tile = _p_tile(p_ptr + (slot0 * H + h).to(tl.int64) * K * K, a, b, K, BP)
+        for i in range(tl.cdiv(eos - bos, C)):
+            rows = bos + i * C + idx
+            valid = rows < eos
+            tok = rows * H + h
+            weight, gamma_C, d_C = _write_weights(g_ptr, noise_ptr, tok, valid, C)
+            tile = _covariance_tile(us_ptr, tile, tok, valid, a, b, weight, gamma_C, d_C, K, BP, WRITES_16)
+            p_new = p_ptr + ((slot0 + i + 1) * H + h).to(tl.int64) * K * K
+            tl.store(p_new + r_idx[:, None] * K + c_idx[None, :], tile, mask=mask)
             if a != b:
-                tl.store(p_new + c_idx[:, None] * K + r_idx[None, :], tl.trans(stored), mask=tl.trans(mask))
-
-
-@triton.jit
-def _slot_scale(bound, SCALED: tl.constexpr):
-    """The power of two that brings a covariance whose entries are at most `bound` to at most
-    2^14 (fp16's largest is 65504), or up from fp16's subnormals for a small one; 1 for fp32
-    slots (SCALED false). A power of two, so scaling and unscaling are exact."""
-    scale = 1.0
-    if SCALED:
-        exponent = tl.floor(tl.log2(16384.0 / tl.maximum(bound, 1e-30)))
-        scale = tl.exp2(tl.minimum(tl.maximum(exponent, -100.0), 60.0))
-    return scale
+                tl.store(p_new + c_idx[:, None] * K + r_idx[None, :], tl.trans(tile), mask=tl.trans(mask))
 
 
 @triton.jit
@@ -1020,8 +990,6 @@ COV_STAGES = 1
 # (8, 4096, 6, 256, 512), fwd+bwd 21.54 → 20.72; 2.62 → 2.54, 0.39 → 0.35 and 10.49 → 10.15 at
 # (8, 4096, 8, 128, 128). Outputs and gradients moved ≤ 2.1e-4 (relative).
 COV_WRITES_16 = 1
-# The backward's replayed covariances stored in fp16 (p_slot_dtype); 0 = fp32. Not yet measured.
-P_SLOTS_16 = 1
 # The output kernel's key block, widest V block and software-pipelining stages of its key loop.
 # On an H100 (Triton 3.6), reset forward at (8, 4096, 6, 256, 512): 0.87 ms before the key loop
 # (all K columns at once, V blocks of 64), 0.73 with it, 0.62 with 3 stages; of the 36 settings
@@ -1107,14 +1075,6 @@ def writes_16(writes):
     return bool(COV_WRITES_16) and writes.dtype == torch.float16 and not _interpreting()
 
 
-def p_slot_dtype(k):
-    """dtype of the backward's per-chunk covariances (p_slots, from _cov_replay_kernel): fp16 for
-    16-bit keys under P_SLOTS_16, else fp32. Half the bytes that the replay writes and the sweep
-    and _keys_fp_kernel read; those take P in fp32 products (TF32 on a GPU, whose 11 significant
-    bits fp16 keeps), and each slot is scaled by a power of two to stay in fp16's range."""
-    return torch.float16 if P_SLOTS_16 and k.dtype in (torch.bfloat16, torch.float16) else torch.float32
-
-
 def innovation_dtype(v):
     """dtype of the innovations e [B·T, H, V]: bf16 when the values are (E_16), as fla keeps its
     v_new, else fp32. e is the h-loop's read and write and the output and backward kernels'
@@ -1197,8 +1157,7 @@ class Intermediates:
     noted: the chunk-boundary states h_slots [n_slots, H, K, V] (slot_dtype; a document's last
     slot unused), the final states s_final [N, H, K, V]; bayes' covariances (else None): the
     forward's final ones p_final [N, H, K, K] (its sweep keeps no other) and, in the backward's
-    rerun, every chunk's start covariance p_slots [n_slots, H, K, K] (p_slot_dtype, slot i holding
-    P_i / p_unscale[i] [n_slots, H]); the write directions u
+    rerun, every chunk's start covariance p_slots [n_slots, H, K, K]; the write directions u
     (reset: the keys k themselves; bayes: only in the backward's rerun, else None) and u_dots,
     the copy that the value kernels' products read (bayes with 16-bit keys: U in the keys'
     dtype, as reset reads its keys; else fp32 U);
@@ -1223,7 +1182,6 @@ class Intermediates:
     packed: Optional[torch.Tensor] = None
     writes: Optional[torch.Tensor] = None
     p_final: Optional[torch.Tensor] = None
-    p_unscale: Optional[torch.Tensor] = None
 
 
 def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, chunk_size, factors=None,
@@ -1249,7 +1207,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
     linv = factors if reset_linv_given else torch.empty(n_tok, H, C, **f32)
     h_slots = torch.empty(plan.n_slots, H, K, V, dtype=slot_dtype(k), device=dev)
     s_final = torch.empty(plan.n_docs, H, K, V, **f32)
-    p_slots = p_final = p_unscale = None
+    p_slots = p_final = None
     vpri = None
     l_factor = None
     u = None
@@ -1281,16 +1239,15 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
                 WRITES_16=writes_16(writes), num_warps=cov_warps, num_stages=COV_STAGES)
         else:
             packed = factors
-            p_slots = torch.empty(plan.n_slots, H, K, K, dtype=p_slot_dtype(k), device=dev)
-            p_unscale = torch.empty(plan.n_slots, H, **f32)
+            p_slots = torch.empty(plan.n_slots, H, K, K, **f32)
+            p_slots[plan.slot0.long()] = P0.float()
             u = torch.empty(n_tok, H, K, **f32)
             u_dots = torch.empty(n_tok, H, K, dtype=k.dtype, device=dev) if u_copy else u
             _unpack_kernel[(plan.n_chunks, H)](packed, writes, plan.chunks, plan.cu, linv, l_factor, w, u, u_dots, H,
                                                K=K, BKB=min(BK, 64), C=C, U_COPY=u_copy, num_warps=UNPACK_WARPS)
             BR = min(BK, REPLAY_BLOCK)
             NB = triton.cdiv(K, BR)
-            _cov_replay_kernel[(NB * NB, groups)](writes, g, noise, plan.cu, plan.slot0, P0.float().contiguous(),
-                                                  p_slots, p_unscale, H,
+            _cov_replay_kernel[(NB * NB, groups)](writes, g, noise, plan.cu, plan.slot0, p_slots, H,
                                                   K=K, BP=BR, C=C, NB=NB, WRITES_16=writes_16(writes),
                                                   num_warps=REPLAY_WARPS)
     else:
@@ -1315,7 +1272,7 @@ def chunk_states(mode, q, k, v, g, beta, noise, S0, P0, plan, output_variance, c
         K=K, V=V, BK=BK, BV=BV, C=C, KEY_DOTS=key_dots(k), UPDATE_16=update_16,
         num_warps=mean_warps, num_stages=MEAN_STAGES)
     return Intermediates(h_slots, s_final, p_slots, u, u_dots, w, linv, e, wkeys, vpri, l_factor,
-                         packed if mode == "bayes" else linv, writes, p_final, p_unscale)
+                         packed if mode == "bayes" else linv, writes, p_final)
 
 
 def chunk_forward(mode, q, k, v, g, beta, noise, S0, P0, plan, scale, output_variance, chunk_size,
