@@ -960,6 +960,14 @@ COV_BLOCK = 64      # columns of P per tile in the covariance sweep
 # (_unpack_kernel, one program per chunk). On an H100 the replay took 0.93 and 0.45 ms at
 # (8, 4096, 6, 256, 512) and (8, 4096, 8, 128, 128) with (64, 4); (32, 4) 1.30 and 0.63,
 # (64, 8) 0.98 and 0.52. It writes every chunk's P (1.6 GB at the first shape).
+# Tried and not kept (H100, Triton 3.6): those slots in fp16 for 16-bit inputs (the sweep and
+# _keys_fp_kernel converting them back to fp32). Replay 0.85 → 0.61 ms, _keys_fp_kernel 0.95 →
+# 0.76, the sweep ~0.1 ms slower: fwd+bwd 20.49 → 20.25 ms at (8, 4096, 6, 256, 512), 10.28 →
+# 10.24 at (8, 4096, 8, 128, 128). Unscaled, fp16's 65504 bounds P; scaled per slot by a power of
+# two from a variance bound (P0's largest, then Γ_C² b + d_C per chunk), the slots matched the fp32
+# ones to 1.5e-4 and a random-cotangent loss's gradients moved 2e-4, but for profile_kernels' loss
+# (o.sum()) dk and dg moved 4.7e-3 and 5.1e-3 on the GPU (1.4e-4 in Triton's interpreter), which
+# stayed unexplained: not kept for a 1% gain (commits 7cf9a6a, reverted).
 REPLAY_BLOCK, REPLAY_WARPS, UNPACK_WARPS = 64, 4, 4
 # The most programs that share one (document, head)'s covariance sweeps (cov_split), each
 # owning some column tiles of P and meeting the others at two barriers per chunk (the backward's
