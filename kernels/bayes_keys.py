@@ -158,10 +158,10 @@ def _bayes_own_kernel(q_ptr, k_ptr, g_ptr, u_ptr, w_ptr, linv_ptr, l_ptr, gs_ptr
 
 
 @triton.jit
-def _update_operand(x, TO_16: tl.constexpr):
+def _bf16_operand(x, TO_BF16: tl.constexpr):
     """A product operand of the covariance sweep: x as it is (TF32 products on a GPU), or rounded
     to bf16 for bf16 tensor cores (UPDATE_16 for the update pass, Z_16 for the Z/W pass)."""
-    if TO_16:
+    if TO_BF16:
         x = x.to(tl.bfloat16)
     return x
 
@@ -233,13 +233,13 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
                 tile = tl.load(src + tile_off, mask=tile_mask, other=0.0)
                 PD += tl.load(p_base + tile_off, mask=tile_mask, other=0.0) * tile
                 U_i = tl.load(u_ptr + tok[:, None] * K + r_idx[None, :], mask=valid[:, None] & rmask[None, :], other=0.0)
-                Z += tl.dot(_update_operand(U_i, Z_16), _update_operand(tile, Z_16))
+                Z += tl.dot(_bf16_operand(U_i, Z_16), _bf16_operand(tile, Z_16))
             tl.store(z_ptr + tok[:, None] * K + cols[None, :], Z, mask=valid[:, None] & cmask[None, :])
             diag = tl.load(src + cols * K + cols, mask=cmask, other=0.0)
             tl.store(pd_ptr + (jb // BP) * n_cc + dot_base, tl.sum(tl.sum(PD, 1), 0))
             tl.store(tr_ptr + (jb // BP) * n_cc + dot_base, tl.sum(diag, 0))
             U_j = tl.load(u_ptr + tok[:, None] * K + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
-            W += tl.dot(_update_operand(Z, Z_16), tl.trans(_update_operand(U_j, Z_16)))
+            W += tl.dot(_bf16_operand(Z, Z_16), tl.trans(_bf16_operand(U_j, Z_16)))
         if NS > 1:
             shares = part_ptr + ((group * 2 + j % 2) * NS) * C * C
             tl.store(shares + part * C * C + cc, W)
@@ -251,19 +251,19 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
             tl.debug_barrier()                                 # Z read back by other threads
         # Tile (i, j) of Φᵀ dP Φ − Γ_C² dP = −Γ_C B_iᵀ Z_j + (Wᵀ B_i − Γ_C Z_i)ᵀ B_j: two products of
         # [BP, C] by [C, BP]. The column loop is outside, so an own column's loads happen once.
-        W_op = _update_operand(W, UPDATE_16)
+        W_op = _bf16_operand(W, UPDATE_16)
         for jb in range(part * BP, K, NS * BP):
             cols = jb + pp
             cmask = cols < K
             jmask = valid[:, None] & cmask[None, :]
             j_off = tok[:, None] * K + cols[None, :]
-            B_j = _update_operand(tl.load(b_ptr + j_off, mask=jmask, other=0.0), UPDATE_16)
-            Z_j = _update_operand(tl.load(z_ptr + j_off, mask=jmask, other=0.0, cache_modifier=".cg"), UPDATE_16)
-            kt_j = _update_operand(tl.load(k_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * gamma[:, None],
+            B_j = _bf16_operand(tl.load(b_ptr + j_off, mask=jmask, other=0.0), UPDATE_16)
+            Z_j = _bf16_operand(tl.load(z_ptr + j_off, mask=jmask, other=0.0, cache_modifier=".cg"), UPDATE_16)
+            kt_j = _bf16_operand(tl.load(k_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * gamma[:, None],
                                    UPDATE_16)
-            G_j = _update_operand(tl.load(gfac_ptr + j_off, mask=jmask, other=0.0), UPDATE_16)
+            G_j = _bf16_operand(tl.load(gfac_ptr + j_off, mask=jmask, other=0.0), UPDATE_16)
             if VAR:
-                qt_j = _update_operand(
+                qt_j = _bf16_operand(
                     tl.load(q_ptr + j_off, mask=jmask, other=0.0).to(tl.float32) * (gamma * dv)[:, None], UPDATE_16)
             for ib in range(0, K, BP):
                 r_idx = ib + pp
@@ -277,13 +277,13 @@ def _cov_sweep_kernel(u_ptr, b_ptr, k_ptr, q_ptr, g_ptr, gfac_ptr, dvar_ptr, cu_
                 kt_i = tl.load(k_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
                 G_i = tl.load(gfac_ptr + i_off, mask=imask, other=0.0)
                 tile = tl.load(src + tile_off, mask=tile_mask, other=0.0)
-                B_i = _update_operand(B_i, UPDATE_16)
-                WB_i = _update_operand(tl.dot(tl.trans(W_op), B_i) - gamma_C * Z_i, UPDATE_16)     # [C, BP]
-                own = 0.5 * (tl.dot(tl.trans(_update_operand(kt_i, UPDATE_16)), G_j)
-                             + tl.dot(tl.trans(_update_operand(G_i, UPDATE_16)), kt_j))
+                B_i = _bf16_operand(B_i, UPDATE_16)
+                WB_i = _bf16_operand(tl.dot(tl.trans(W_op), B_i) - gamma_C * Z_i, UPDATE_16)     # [C, BP]
+                own = 0.5 * (tl.dot(tl.trans(_bf16_operand(kt_i, UPDATE_16)), G_j)
+                             + tl.dot(tl.trans(_bf16_operand(G_i, UPDATE_16)), kt_j))
                 if VAR:
                     qt_i = tl.load(q_ptr + i_off, mask=imask, other=0.0).to(tl.float32) * gamma[:, None]
-                    own += tl.dot(tl.trans(_update_operand(qt_i, UPDATE_16)), qt_j)
+                    own += tl.dot(tl.trans(_bf16_operand(qt_i, UPDATE_16)), qt_j)
                 tile = (gamma_C * gamma_C * tile - gamma_C * tl.dot(tl.trans(B_i), Z_j)
                         + tl.dot(tl.trans(WB_i), B_j) + own)
                 tl.store(dst + tile_off, tile, mask=tile_mask)

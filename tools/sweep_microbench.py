@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 @triton.jit
 def _operand(x, LOW: tl.constexpr):
-    """A product operand as it is (TF32), or rounded to bf16 (LOW), as bayes_keys._update_operand."""
+    """A product operand as it is (TF32), or rounded to bf16 (LOW), as bayes_keys._bf16_operand."""
     if LOW:
         x = x.to(tl.bfloat16)
     return x
