@@ -50,8 +50,13 @@ def inputs(B, T, H, K, V, docs):
     return [x.requires_grad_() for x in (q, k, v, g, beta)], cu
 
 
-def timed(fn, reps=5):
-    """Median ms of fn() over reps after two warm-up calls."""
+def timed(fn, reps=5, calls=1):
+    """Median ms per call of fn(), each of reps timings covering `calls` calls issued back to
+    back, after two warm-up calls. calls = 1 times a call on an idle GPU, which also counts the
+    host's time to launch it; with more, the host queues the next call while the GPU runs this
+    one, as a training step's layers do (`queued`). At the small shapes that difference decides
+    the time: fla's fwd+bwd at (8, 4096, 8, 128, 128) takes ~2.5 ms to launch on the H100
+    machines, about its GPU time."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
@@ -59,29 +64,11 @@ def timed(fn, reps=5):
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def queued(fn, steps=10, reps=3):
-    """Median ms per call of fn() issued `steps` times back to back: the host queues the next
-    call while the GPU runs this one, as a training step's layers do. `timed` measures one call
-    on an idle GPU, which also counts the host's time to launch it: at the small shapes (fla at
-    (8, 4096, 8, 128, 128) takes ~2.5 ms to launch on the H100 machines) that decides it."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
+        for _ in range(calls):
             fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / steps)
+        times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
 
 
@@ -149,7 +136,7 @@ def measure(forward, params, backward=True):
             out = forward()
             torch.autograd.grad(out.float().sum(), params, allow_unused=True)
         row["fwdbwd"] = timed(both)
-        row["queued"] = queued(both)
+        row["queued"] = timed(both, reps=3, calls=10)
         row["peak"], row["saved"] = memory(forward)
     return row
 
