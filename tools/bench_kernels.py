@@ -8,11 +8,11 @@ For every shape (B, T, H, K, V) it times forward and forward+backward of
     < 3.7.1 is bypassed for timing only: its gradients there are known to be wrong),
   - our PyTorch chunked path (bayes, forward only: its backward is autograd through a Python loop),
   - SDPA causal attention (head dim K for q, k and v; per document for varlen shapes),
-and prints ms, ratios against fla GDN, forward+backward also queued back to back (`queued`: what
-a training step sees, where the host launches ahead of the GPU), achieved TFLOP/s by the design note's FLOP count
-(§5: GDN ≈ 6·K·V per token and head forward, bayes adds ≈ 6·K²; forward+backward counted
-as 3× forward), peak memory of forward+backward, and the memory saved for backward
-(allocated after the forward minus before it, outputs included).
+and prints ms, ratios against fla GDN, forward+backward also queued back to back (`queued`:
+what a training step sees, where the host launches ahead of the GPU), achieved TFLOP/s by the
+design note's FLOP count (§5: GDN ≈ 6·K·V per token and head forward, bayes adds ≈ 6·K²;
+forward+backward counted as 3× forward), peak memory of forward+backward, and the memory saved
+for backward (allocated after the forward minus before it, outputs included).
 """
 
 from __future__ import annotations
