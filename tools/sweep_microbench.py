@@ -6,6 +6,9 @@ compared with the first's.
 
     python tools/sweep_microbench.py K GROUPS      (programs = GROUPS · K / 64; one GPU)
 
+It takes the bf16 rounding of operands from the kernel itself (titan_bayes.kernels, installed by
+the README's setup), so the `triton_bf16` form rounds exactly as the sweep does.
+
 Per chunk: the Z/W pass  Z = U dP (stored), PD += ⟨P_i, dP⟩;
            the update    dP = g² dP − g Bᵢᵀ Z_j + (Bᵢᵀ W − g Zᵢᵀ) B_j + ½(K̃ᵢᵀ G_j + Gᵢᵀ K̃_j)
 Forms: `triton` (dP in global memory, TF32 products: the kernel before COV_SWEEP_UPDATE_16),
@@ -20,6 +23,7 @@ gluon_staged 23.2 / 12.9 (relative differences to `triton`: bf16 2.6e-3, the Glu
 So dP's round trip to L2 is not what a chunk waits on; the operands' width is (the kernel's
 update pass took bf16 operands after this: COV_SWEEP_UPDATE_16).
 """
+import os
 import sys
 import time
 
@@ -30,13 +34,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-
-@triton.jit
-def _operand(x, LOW: tl.constexpr):
-    """A product operand as it is (TF32), or rounded to bf16 (LOW), as bayes_keys._bf16_operand."""
-    if LOW:
-        x = x.to(tl.bfloat16)
-    return x
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from titan_bayes.kernels.bayes_keys import _bf16_operand  # noqa: E402  (the sweep's own rounding)
 
 
 @triton.jit
@@ -75,11 +74,11 @@ def upd_triton(u_ptr, p_ptr, b_ptr, zin_ptr, kt_ptr, gf_ptr, w_ptr, dp_ptr, zout
             kt_i = tl.load(kt_ptr + i_off)
             G_i = tl.load(gf_ptr + i_off)
             tile = tl.load(dp + r[:, None] * BP + pp[None, :])
-            WB_i = tl.dot(tl.trans(_operand(W, LOW)), _operand(B_i, LOW)) - g * Z_i
-            own = 0.5 * (tl.dot(tl.trans(_operand(kt_i, LOW)), _operand(G_j, LOW))
-                         + tl.dot(tl.trans(_operand(G_i, LOW)), _operand(kt_j, LOW)))
-            tile = (g * g * tile - g * tl.dot(tl.trans(_operand(B_i, LOW)), _operand(Z_j, LOW))
-                    + tl.dot(tl.trans(_operand(WB_i, LOW)), _operand(B_j, LOW)) + own)
+            WB_i = tl.dot(tl.trans(_bf16_operand(W, LOW)), _bf16_operand(B_i, LOW)) - g * Z_i
+            own = 0.5 * (tl.dot(tl.trans(_bf16_operand(kt_i, LOW)), _bf16_operand(G_j, LOW))
+                         + tl.dot(tl.trans(_bf16_operand(G_i, LOW)), _bf16_operand(kt_j, LOW)))
+            tile = (g * g * tile - g * tl.dot(tl.trans(_bf16_operand(B_i, LOW)), _bf16_operand(Z_j, LOW))
+                    + tl.dot(tl.trans(_bf16_operand(WB_i, LOW)), _bf16_operand(B_j, LOW)) + own)
             tl.store(dp + r[:, None] * BP + pp[None, :], tile)
         tl.debug_barrier()
     tl.store(pd_ptr + pid, tl.sum(tl.sum(PD, 1), 0))
